@@ -1,0 +1,25 @@
+# Quick start: `make train` runs the demo, `make test` runs the test suite.
+# Both create .venv in the repo root when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch by default; on a GPU machine use e.g. TORCH_SPEC="torch==2.13.0" from the CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: venv test train bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

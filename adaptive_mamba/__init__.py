@@ -1,0 +1,1 @@
+"""Adaptive hybrid-PEFT Mamba."""
