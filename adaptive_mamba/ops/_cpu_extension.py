@@ -1,0 +1,50 @@
+"""Builds (once, cached by torch in TORCH_EXTENSIONS_DIR) and loads the C++ CPU selective-scan kernel.
+
+The build happens on first use, never on import. If no C++ compiler is available the build fails once,
+a warning says why, and callers fall back to the pure-torch scan.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
+
+
+# -march=native is safe because the build is per machine (JIT); the CPU capability is part of the extension
+# name, so a cache shared between different CPUs never loads a mismatched binary. -fno-trapping-math and
+# -fassociative-math let the N-wide state loop (polynomial exp, <h, C> reduction) vectorise: 5x faster here.
+# -fopenmp makes at::parallel_for run on torch's intra-op threads.
+_CFLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+           "-fassociative-math", "-fno-signed-zeros"]
+_LDFLAGS = ["-fopenmp"]
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    try:
+        return cpp_extension.load(name=f"adaptive_mamba_scan_cpu_{capability}", sources=[str(_SOURCE)],
+                                  extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, verbose=False)
+    except Exception as err:  # compiler missing or broken: degrade to the pure-torch scan
+        warnings.warn(f"could not build the C++ selective-scan kernel ({type(err).__name__}: {err}); "
+                      "falling back to the slower pure-torch scan. Install a C++ compiler (g++) to fix this.")
+        return None
+
+
+def available() -> bool:
+    """True when the kernel is (or can be) built; triggers the one-time build."""
+    return _build() is not None
+
+
+def load() -> ModuleType:
+    ext = _build()
+    if ext is None:
+        raise RuntimeError("the C++ selective-scan kernel is not available (see the earlier warning)")
+    return ext

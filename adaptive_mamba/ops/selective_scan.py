@@ -1,0 +1,267 @@
+"""Selective scan (the Mamba-1 SSM recurrence) with mamba-ssm's signature, layouts and semantics.
+
+    selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, initial_state=None)
+
+u, delta, z: (batch, dim, L); A: (dim, N); B, C: (batch, N, L) or (batch, G, N, L); D, delta_bias: (dim,).
+    delta <- softplus(delta + delta_bias)                       (each step optional)
+    h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t    (h: (batch, dim, N), h_{-1} = initial_state or 0)
+    y_t    = <h_t, C_t> + D * u_t;   out = y * silu(z)
+Returns out (dtype of u), or (out, last_state) with last_state = h_{L-1} in float32. As in mamba-ssm, no
+gradient flows through last_state (or initial_state). `initial_state` is our extension: it lets a long
+document be processed chunk by chunk with the state carried over (recurrent scoring, generation).
+
+Dispatch: CUDA tensors -> mamba-ssm's compiled `selective_scan_cuda` (imported lazily); CPU float32 ->
+our C++ kernel (JIT-built once, cached); otherwise, or when no compiler is available, a chunked
+pure-torch scan. `selective_scan_ref` is the plain per-step reference the tests compare against.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from adaptive_mamba.ops import _cpu_extension
+
+ScanResult = Tensor | tuple[Tensor, Tensor]
+
+
+def _expand_groups(BC: Tensor, dim: int) -> Tensor:
+    """(b, N, L) or (b, G, N, L) -> (b, dim, N, L) view (reference and fallback only)."""
+    if BC.dim() == 3:
+        BC = BC.unsqueeze(1)
+    return BC.repeat_interleave(dim // BC.shape[1], dim=1)
+
+
+def _prepare_delta(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].to(delta.dtype)
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(y: Tensor, u: Tensor, D: Optional[Tensor], z: Optional[Tensor]) -> Tensor:
+    if D is not None:
+        y = y + u * D[:, None].to(y.dtype)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                       return_last_state: bool = False, *, initial_state: Optional[Tensor] = None) -> ScanResult:
+    """Plain step-by-step reference in the input's precision (float32 at least). Slow: for tests only."""
+    dtype_in = u.dtype
+    ct = torch.promote_types(u.dtype, torch.float32)
+    u, delta, A = u.to(ct), delta.to(ct), A.to(ct)
+    delta = _prepare_delta(delta, None if delta_bias is None else delta_bias.to(ct), delta_softplus)
+    dim = u.shape[1]
+    Bx, Cx = _expand_groups(B.to(ct), dim), _expand_groups(C.to(ct), dim)
+    h = u.new_zeros(u.shape[0], dim, A.shape[1]) if initial_state is None else initial_state.to(ct)
+    ys = []
+    for t in range(u.shape[2]):
+        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * Bx[..., t]
+        ys.append((h * Cx[..., t]).sum(-1))
+    y = _finish(torch.stack(ys, dim=2), u, None if D is None else D.to(ct), None if z is None else z.to(ct))
+    out = y.to(dtype_in)
+    return (out, h.float()) if return_last_state else out
+
+
+def _scan_chunk(u: Tensor, delta: Tensor, A: Tensor, Bx: Tensor, Cx: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+    """Scan one chunk of T steps with a log-depth (Hillis-Steele) scan over (b, dim, T, N) tensors."""
+    decay = torch.exp(delta[..., None] * A[:, None, :])                  # (b, d, T, N)
+    inp = (delta * u)[..., None] * Bx.transpose(-1, -2)                  # (b, d, T, N)
+    T, shift = u.shape[-1], 1
+    while shift < T:
+        inp = torch.cat([inp[:, :, :shift], inp[:, :, shift:] + decay[:, :, shift:] * inp[:, :, :-shift]], dim=2)
+        decay = torch.cat([decay[:, :, :shift], decay[:, :, shift:] * decay[:, :, :-shift]], dim=2)
+        shift *= 2
+    h = inp + decay * h0[:, :, None, :]                                  # states h_t of the chunk
+    y = torch.einsum("bdtn,bdnt->bdt", h, Cx)
+    return y, h[:, :, -1]
+
+
+def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                         z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                         return_last_state: bool = False, *, initial_state: Optional[Tensor] = None,
+                         chunk_size: int = 64) -> ScanResult:
+    """Differentiable pure-torch scan: chunks of `chunk_size` steps, each rematerialised in backward.
+
+    Memory is O(b * dim * chunk_size * N) for the live chunk plus one (b, dim, N) state per chunk. It is the
+    fallback when the C++ kernel cannot be built, and the path for float64 and non-CPU/CUDA devices.
+    """
+    dtype_in = u.dtype
+    ct = torch.promote_types(u.dtype, torch.float32)
+    u, delta, A = u.to(ct), delta.to(ct), A.to(ct)
+    delta = _prepare_delta(delta, None if delta_bias is None else delta_bias.to(ct), delta_softplus)
+    dim = u.shape[1]
+    Bx, Cx = _expand_groups(B.to(ct), dim), _expand_groups(C.to(ct), dim)
+    h = u.new_zeros(u.shape[0], dim, A.shape[1]) if initial_state is None else initial_state.to(ct)
+    ys = []
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, Bx, Cx))
+    for s in range(0, u.shape[-1], chunk_size):
+        sl = slice(s, s + chunk_size)
+        args = (u[..., sl], delta[..., sl], A, Bx[..., sl], Cx[..., sl], h)
+        y, h = checkpoint(_scan_chunk, *args, use_reentrant=False) if grad else _scan_chunk(*args)
+        ys.append(y)
+    y = _finish(torch.cat(ys, dim=-1), u, None if D is None else D.to(ct), None if z is None else z.to(ct))
+    out = y.to(dtype_in)
+    return (out, h.detach().float()) if return_last_state else out
+
+
+def _as_blnt(BC: Tensor) -> Tensor:
+    """(b, N, L) / (b, G, N, L) -> contiguous float32 (b, G, L, N): one step's N values contiguous."""
+    if BC.dim() == 3:
+        BC = BC.unsqueeze(1)
+    return BC.float().transpose(-1, -2).contiguous()
+
+
+def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t.float().contiguous()
+
+
+def _backward_workers(batch: int, groups: int, length: int, nstate: int, dim: int) -> int:
+    """Channel ranges for the backward: one per thread, capped so the private dB/dC buffers stay < ~256 MiB."""
+    per_worker = 2 * batch * groups * length * nstate * 4
+    return max(1, min(torch.get_num_threads(), dim, (256 << 20) // max(per_worker, 1)))
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    """Autograd wrapper of the C++ kernel (delta already biased/softplus'ed, no z gate): it saves only the
+    inputs; the backward recomputes the states."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, h0):  # type: ignore[override]
+        ext = _cpu_extension.load()
+        tensors = (u.float().contiguous(), delta.float().contiguous(), A.float().contiguous(), _as_blnt(B),
+                   _as_blnt(C), _opt(D, u), _opt(h0, u))
+        out, last = ext.fwd(*tensors)
+        ctx.save_for_backward(*tensors)
+        ctx.meta = (B.dim(), C.dim(), B.dtype, C.dtype, u.dtype, delta.dtype, A.dtype, D is not None)
+        ctx.mark_non_differentiable(last)
+        return out.to(u.dtype), last
+
+    @staticmethod
+    def backward(ctx, dout, _dlast):  # type: ignore[override]
+        bdim, cdim, bdt, cdt, udt, ddt, adt, has_d = ctx.meta
+        u, delta, A, Bt, Ct, D, h0 = ctx.saved_tensors
+        workers = _backward_workers(u.shape[0], Bt.shape[1], u.shape[2], A.shape[1], u.shape[1])
+        du, ddelta, dA, dBt, dCt, dD = _cpu_extension.load().bwd(u, delta, A, Bt, Ct, D, h0, dout.float(), workers)
+
+        def back(g: Tensor, ndim: int, dtype: torch.dtype) -> Tensor:
+            g = g.transpose(-1, -2)
+            return (g.squeeze(1) if ndim == 3 else g).to(dtype)
+
+        return (du.to(udt), ddelta.to(ddt), dA.to(adt), back(dBt, bdim, bdt), back(dCt, cdim, cdt),
+                dD if has_d else None, None)
+
+
+class _SelectiveScanCUDA(torch.autograd.Function):
+    """Autograd wrapper of mamba-ssm's compiled kernel, called directly (the package itself is not imported)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):  # type: ignore[override]
+        import selective_scan_cuda  # compiled extension shipped by mamba-ssm; imported lazily
+
+        squeeze = (B.dim() == 3, C.dim() == 3)
+        B = (B.unsqueeze(1) if squeeze[0] else B).contiguous()
+        C = (C.unsqueeze(1) if squeeze[1] else C).contiguous()
+        u, delta = u.contiguous(), delta.contiguous()
+        z = None if z is None else z.contiguous()
+        out, x, *rest = _call_cuda(selective_scan_cuda.fwd, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        out_final = rest[0] if z is not None else out
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out)
+        ctx.softplus, ctx.squeeze = delta_softplus, squeeze
+        last = x[:, :, -1, 1::2].float()
+        ctx.mark_non_differentiable(last)
+        return out_final, last
+
+    @staticmethod
+    def backward(ctx, dout, _dlast):  # type: ignore[override]
+        import selective_scan_cuda
+
+        u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = _call_cuda(
+            selective_scan_cuda.bwd, u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), x,
+            out if z is not None else None, None, ctx.softplus, False)
+        dB = dB.squeeze(1) if ctx.squeeze[0] else dB
+        dC = dC.squeeze(1) if ctx.squeeze[1] else dC
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None, rest[0] if z is not None else None,
+                ddelta_bias if delta_bias is not None else None, None)
+
+
+def _call_cuda(fn, *args):
+    """mamba-ssm >= 2.3 takes a trailing cu_seqlens argument; older builds do not."""
+    try:
+        return fn(*args, None)
+    except TypeError:
+        return fn(*args)
+
+
+def cuda_kernel_available() -> bool:
+    try:
+        import selective_scan_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _initial_state_correction(delta: Tensor, A: Tensor, C: Tensor, z: Optional[Tensor], h0: Tensor,
+                              block: int = 512) -> tuple[Tensor, Tensor]:
+    """Contribution of a non-zero initial state, for kernels that start from zero (the recurrence is linear in h):
+    y_t += <exp(A * sum_{s<=t} delta_s) * h0, C_t> (times silu(z_t)); h_last += exp(A * sum delta) * h0."""
+    dim = delta.shape[1]
+    Cx = _expand_groups(C.float(), dim)
+    cum = torch.cumsum(delta.float(), dim=-1)                                   # (b, d, L)
+    ys = []
+    for s in range(0, delta.shape[-1], block):
+        decay = torch.exp(cum[..., s:s + block, None] * A.float()[:, None, :])  # (b, d, T, N)
+        ys.append(torch.einsum("bdtn,bdn,bdnt->bdt", decay, h0.float(), Cx[..., s:s + block]))
+    y = torch.cat(ys, dim=-1)
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y, torch.exp(cum[..., -1:] * A.float()) * h0.float()
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, *, initial_state: Optional[Tensor] = None) -> ScanResult:
+    """Selective scan with mamba-ssm's signature; see the module docstring for semantics and dispatch."""
+    if B.dim() < 3 or C.dim() < 3:
+        raise ValueError("selective_scan: only input-dependent B and C are supported, with shapes (batch, N, L) "
+                         f"or (batch, G, N, L); got B {tuple(B.shape)} and C {tuple(C.shape)}")
+    if u.is_cuda and cuda_kernel_available():
+        out, last = _SelectiveScanCUDA.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        if initial_state is not None:
+            dt = _prepare_delta(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
+            y0, h_extra = _initial_state_correction(dt, A, C, z, initial_state)
+            out, last = (out.float() + y0).to(out.dtype), last + h_extra
+        return (out, last) if return_last_state else out
+    if u.device.type == "cpu" and u.dtype != torch.float64 and _cpu_extension.available():
+        delta = _prepare_delta(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
+        y, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, initial_state)
+        out = y if z is None else (y.float() * F.silu(z.float())).to(u.dtype)
+        return (out, last) if return_last_state else out
+    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                initial_state=initial_state)
+
+
+def selective_state_update(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Optional[Tensor] = None, z: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """One recurrent step for generation. state: (b, dim, N) float32; u, delta (already softplus'ed), z: (b, dim);
+    B, C: (b, N). Returns (y (b, dim) in u's dtype, new state). Cost is independent of how many steps came before."""
+    dt = delta.float()
+    state = torch.exp(dt[..., None] * A.float()) * state + (dt * u.float())[..., None] * B.float()[:, None, :]
+    y = (state * C.float()[:, None, :]).sum(-1)
+    if D is not None:
+        y = y + u.float() * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(u.dtype), state
+
+
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "selective_state_update",
+           "cuda_kernel_available"]
