@@ -1,0 +1,84 @@
+"""Text generation through the recurrent cache, with stop sequences.
+
+The prompt is read once (prefill); each new token then costs one recurrent step whose price does
+not depend on how long the prompt was. A state-space model has no attention mask, so padding a
+prompt would change its state: prompts are batched only with prompts of the same token length
+(e.g. the n samples of one HumanEval problem), never padded.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..tokenizer import Tokenizer
+
+
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest top set
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _stop_index(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+@torch.no_grad()
+def generate_batch(model: torch.nn.Module, tokenizer: Tokenizer, prompt_ids: Sequence[int],
+                   n: int, max_new_tokens: int, stops: Sequence[str] = (), temperature: float = 0.0,
+                   top_p: float = 1.0, generator: torch.Generator | None = None) -> list[str]:
+    """`n` continuations of one prompt, each cut at its first stop sequence or end-of-text."""
+    if not prompt_ids:
+        raise ValueError("generate_batch: empty prompt; a prompt needs at least one token")
+    device = next(model.parameters()).device
+    inputs = torch.tensor([list(prompt_ids)] * n, dtype=torch.long, device=device)
+    cache = model.allocate_cache(n)
+    # Only the last position needs logits: no (n, L, vocab) tensor for a long prompt.
+    logits = model.lm_head(model.hidden_states(inputs, cache)[:, -1]).float()
+    vocab = tokenizer.vocab_size  # the model's vocab may be padded past the tokenizer's
+    generated: list[list[int]] = [[] for _ in range(n)]
+    texts = [""] * n
+    done = [False] * n
+    for _ in range(max_new_tokens):
+        logits[:, vocab:] = float("-inf")
+        step = _next_tokens(logits, temperature, top_p, generator)
+        for row, token in enumerate(step.tolist()):
+            if done[row]:
+                continue
+            if token == tokenizer.eos_id:
+                done[row] = True
+                continue
+            generated[row].append(token)
+            texts[row] = tokenizer.decode(generated[row])
+            cut = _stop_index(texts[row], stops)
+            if cut is not None:
+                texts[row], done[row] = texts[row][:cut], True
+        if all(done):
+            break
+        logits = model.lm_head(model.hidden_states(step[:, None], cache)[:, -1]).float()
+    return texts
+
+
+def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str],
+             max_new_tokens: int, stops: Sequence[str] = (), samples: int = 1,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             desc: str = "generate") -> list[list[str]]:
+    """`samples` continuations for every prompt (one prefill per prompt, samples batched)."""
+    if samples > 1 and temperature == 0:
+        raise ValueError(f"{samples} greedy samples would be identical; set a temperature > 0 "
+                         "(e.g. --temperature 0.8) or use 1 sample")
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    return [generate_batch(model, tokenizer, tokenizer.encode(p), samples, max_new_tokens, stops,
+                           temperature, top_p, generator)
+            for p in tqdm(prompts, desc=desc, leave=False)]
