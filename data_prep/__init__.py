@@ -1,0 +1,1 @@
+"""Command line front end of adaptive_mamba.data: corpus -> tokenizer -> packed token shards."""
