@@ -103,3 +103,33 @@ def test_constant_B_is_rejected_with_a_clear_error():
     x = make_inputs()
     with pytest.raises(ValueError, match="input-dependent B and C"):
         selective_scan(x["u"], x["delta"], x["A"], torch.randn(8, 16), x["C"])
+
+
+def test_state_update_step_matches_scan_on_both_paths(monkeypatch):
+    """The one-token step (C++ on CPU, torch elsewhere) equals scanning the same step with the state carried."""
+    from adaptive_mamba.ops.selective_scan import selective_state_update
+
+    x = make_inputs(length=1)
+    h0 = torch.randn(2, 8, 16)
+    delta = torch.nn.functional.softplus(x["delta"][..., 0])
+    want, want_state = selective_scan_ref(x["u"], delta[..., None], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
+                                          return_last_state=True, initial_state=h0)
+    y, state = selective_state_update(h0, x["u"][..., 0], delta, x["A"], x["B"][..., 0], x["C"][..., 0],
+                                      D=x["D"], z=x["z"][..., 0])
+    torch.testing.assert_close(y, want[..., 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-6)
+    # the pure-torch branch (used on CUDA, or when no compiler is available)
+    monkeypatch.setattr(_cpu_extension, "available", lambda: False)
+    y2, state2 = selective_state_update(h0, x["u"][..., 0], delta, x["A"], x["B"][..., 0], x["C"][..., 0],
+                                        D=x["D"], z=x["z"][..., 0])
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state2, state, rtol=1e-5, atol=1e-6)
+
+
+def test_denormal_states_are_flushed_not_slow():
+    """States decayed below float32's normal range come back as exact zeros from the kernel."""
+    x = make_inputs(batch=1, dim=4, length=1)
+    h0 = torch.full((1, 4, 16), 1e-39)            # denormal
+    _, last = selective_scan(x["u"] * 0, x["delta"].abs(), x["A"], x["B"], x["C"], return_last_state=True,
+                             initial_state=h0)
+    assert torch.count_nonzero(last) == 0

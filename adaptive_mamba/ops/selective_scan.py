@@ -252,7 +252,18 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 def selective_state_update(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                            D: Optional[Tensor] = None, z: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One recurrent step for generation. state: (b, dim, N) float32; u, delta (already softplus'ed), z: (b, dim);
-    B, C: (b, N). Returns (y (b, dim) in u's dtype, new state). Cost is independent of how many steps came before."""
+    B, C: (b, N). Returns (y (b, dim) in u's dtype, new state). Cost is independent of how many steps came before.
+    On the CPU it runs the C++ kernel for one step (which flushes denormal states that would make torch's
+    elementwise ops ~100x slower once the state has decayed)."""
+    if state.device.type == "cpu" and _cpu_extension.available():
+        y, new_state = _cpu_extension.load().fwd(u.float()[..., None].contiguous(), delta.float()[..., None].contiguous(),
+                                                 A.float().contiguous(), B.float()[:, None, None, :].contiguous(),
+                                                 C.float()[:, None, None, :].contiguous(), _opt(D, u),
+                                                 state.float().contiguous())
+        y = y[..., 0]
+        if z is not None:
+            y = y * F.silu(z.float())
+        return y.to(u.dtype), new_state
     dt = delta.float()
     state = torch.exp(dt[..., None] * A.float()) * state + (dt * u.float())[..., None] * B.float()[:, None, :]
     y = (state * C.float()[:, None, :]).sum(-1)

@@ -17,6 +17,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -26,6 +30,19 @@
 namespace {
 
 // exp(x) for float, accurate to ~2 ulp on [-87, 88]; written branch-free so loops over it vectorise.
+// States decay towards zero; once they are denormal, x86 arithmetic on them is ~100x slower. Flush them to
+// zero (FTZ + DAZ) while a kernel runs on this thread, and restore the caller's mode afterwards.
+class FlushDenormals {
+ public:
+#if defined(__SSE__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
+
 inline float fast_exp(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float k = std::floor(x * 1.44269504088896341f + 0.5f);
@@ -184,6 +201,7 @@ std::vector<torch::Tensor> selective_scan_fwd(torch::Tensor u, torch::Tensor del
   float* l = last.data_ptr<float>();
   dispatch_nstate(a.nstate, [&](auto kn) {
     at::parallel_for(0, a.batch * a.dim, 1, [&](int64_t begin, int64_t end) {
+      FlushDenormals ftz;
       for (int64_t i = begin; i < end; ++i) forward_pair<decltype(kn)::value>(a, i / a.dim, i % a.dim, o, l);
     });
   });
@@ -211,6 +229,7 @@ std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor del
   const int64_t part = a.batch * a.groups * a.len * a.nstate;
   dispatch_nstate(a.nstate, [&](auto kn) {
     at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+      FlushDenormals ftz;
       std::vector<float> hs(a.len * a.nstate);
       for (int64_t w = begin; w < end; ++w) {
         const Grads gr{du.data_ptr<float>(), ddelta.data_ptr<float>(), dB_parts.data_ptr<float>() + w * part,
