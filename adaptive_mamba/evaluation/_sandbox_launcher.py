@@ -43,9 +43,12 @@ def _call(ret: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+def _enc(text: str | None) -> bytes | None:
+    return None if text is None else text.encode()
+
+
 def _mount(source, target, fstype, flags, data=None) -> None:
-    enc = lambda s: None if s is None else s.encode()  # noqa: E731
-    _call(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+    _call(_libc.mount(_enc(source), _enc(target), _enc(fstype), ctypes.c_ulong(flags), _enc(data)),
           f"mount {target}")
 
 
@@ -100,7 +103,7 @@ def _child(cfg: dict, program: str, err_w: int) -> None:
         os.chdir(workdir)
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "TMPDIR": workdir}
         os.execve(cfg["python"], [cfg["python"], "-I", "-S", "-B", "program.py"], env)
-    except BaseException as exc:  # any failure before exec is a setup error, reported via the pipe
+    except BaseException as exc:  # noqa: BLE001 - any failure before exec is a setup error, reported via the pipe
         os.write(err_w, f"{type(exc).__name__}: {exc}".encode()[:4000])
         os._exit(125)
 

@@ -83,8 +83,9 @@ def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Te
     out = torch.empty(targets.shape, dtype=torch.float32)
     for s in range(0, targets.shape[1], chunk):
         logits = model.lm_head(hidden[:, s:s + chunk]).float()
-        out[:, s:s + chunk] = F.cross_entropy(logits.transpose(1, 2), targets[:, s:s + chunk],
-                                              reduction="none").cpu()
+        piece = targets[:, s:s + chunk]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), piece.reshape(-1), reduction="none")
+        out[:, s:s + chunk] = nll.view(piece.shape).cpu()
     return out
 
 

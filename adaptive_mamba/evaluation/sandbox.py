@@ -78,7 +78,7 @@ def _sandbox_config(timeout: float, memory_mb: int, max_processes: int, uid: int
             Path("/media"), Path("/srv")]
     if project.parent != Path("/"):
         hide.append(project.parent)
-    scratch = [Path("/tmp"), Path("/var/tmp"), Path("/dev/shm")]
+    scratch = [Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"), Path("/run/lock"), Path("/var/lock")]
     hide_paths = [p for p in _existing_top_level(hide)
                   if not any(p == s or p.startswith(s + "/") for s in map(str, scratch))]
     python = os.path.realpath(sys.executable)

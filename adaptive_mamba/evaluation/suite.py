@@ -31,7 +31,7 @@ class EvalConfig:
     data_dir: Path | None = None
     data: dict[str, Path] = field(default_factory=dict)
     limit: int | None = None
-    batch_size: int = 4
+    batch_size: int = 4             # windows (rolling) or documents (recurrent) per forward
     max_length: int = 2048          # rolling-window length (lm-eval's max_length)
     chunk_length: int = 4096        # recurrent mode: tokens per forward call
     max_new_tokens: int | None = None  # None: the task's default
@@ -67,7 +67,7 @@ def _perplexity_task(task: str, examples: list[dict], model, tokenizer, cfg: Eva
         result["rolling"] = T.perplexity_summary(texts, [s.nll for s in rolling],
                                                  [s.tokens for s in rolling])
     curve = PositionCurve(cfg.position_bucket) if task == "pg19" and cfg.position_bucket else None
-    recurrent = score_recurrent(model, docs, tokenizer.eos_id, cfg.chunk_length, batch_size=1,
+    recurrent = score_recurrent(model, docs, tokenizer.eos_id, cfg.chunk_length, cfg.batch_size,
                                 curve=curve, desc=f"{task} recurrent")
     result["recurrent"] = T.perplexity_summary(texts, [s.nll for s in recurrent],
                                                [s.tokens for s in recurrent])
@@ -122,7 +122,7 @@ def versions() -> dict[str, str]:
             out[pkg] = "not installed"
     try:
         out["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            ["git", "rev-parse", "HEAD"], check=False, cwd=Path(__file__).parent, capture_output=True,
             text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         out["git_commit"] = "unknown"
@@ -140,6 +140,8 @@ def run_suite(model, tokenizer, cfg: EvalConfig, model_name: str,
               out_dir: Path | None = None) -> tuple[dict, list[dict]]:
     """Evaluate `model` on every task of `cfg`; returns the results and all predictions."""
     model.eval()
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = {"model": model_name, "started": datetime.now(timezone.utc).isoformat(),
                "settings": _settings(cfg), "versions": versions(), "tasks": {}}
