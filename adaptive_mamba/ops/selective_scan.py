@@ -50,24 +50,36 @@ def _finish(y: Tensor, u: Tensor, D: Optional[Tensor], z: Optional[Tensor]) -> T
     return y
 
 
-def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                       return_last_state: bool = False, *, initial_state: Optional[Tensor] = None) -> ScanResult:
-    """Plain step-by-step reference in the input's precision (float32 at least). Slow: for tests only."""
-    dtype_in = u.dtype
+def _torch_scan(recurrence, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, return_last_state: bool,
+                initial_state: Optional[Tensor]) -> ScanResult:
+    """Shared frame of the pure-torch scans: promote to >= float32, bias + softplus on delta, expand B/C groups
+    to (b, dim, N, L), run `recurrence(u, delta, A, Bx, Cx, h0) -> (y, h_last)`, then the D skip and z gate."""
     ct = torch.promote_types(u.dtype, torch.float32)
-    u, delta, A = u.to(ct), delta.to(ct), A.to(ct)
-    delta = _prepare_delta(delta, None if delta_bias is None else delta_bias.to(ct), delta_softplus)
+    uc, A = u.to(ct), A.to(ct)
+    delta = _prepare_delta(delta.to(ct), None if delta_bias is None else delta_bias.to(ct), delta_softplus)
     dim = u.shape[1]
     Bx, Cx = _expand_groups(B.to(ct), dim), _expand_groups(C.to(ct), dim)
-    h = u.new_zeros(u.shape[0], dim, A.shape[1]) if initial_state is None else initial_state.to(ct)
+    h0 = uc.new_zeros(u.shape[0], dim, A.shape[1]) if initial_state is None else initial_state.to(ct)
+    y, h = recurrence(uc, delta, A, Bx, Cx, h0)
+    out = _finish(y, uc, None if D is None else D.to(ct), None if z is None else z.to(ct)).to(u.dtype)
+    return (out, h.detach().float()) if return_last_state else out
+
+
+def _step_by_step(u: Tensor, delta: Tensor, A: Tensor, Bx: Tensor, Cx: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     ys = []
     for t in range(u.shape[2]):
         h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * Bx[..., t]
         ys.append((h * Cx[..., t]).sum(-1))
-    y = _finish(torch.stack(ys, dim=2), u, None if D is None else D.to(ct), None if z is None else z.to(ct))
-    out = y.to(dtype_in)
-    return (out, h.float()) if return_last_state else out
+    return torch.stack(ys, dim=2), h
+
+
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                       return_last_state: bool = False, *, initial_state: Optional[Tensor] = None) -> ScanResult:
+    """Plain step-by-step reference in the input's precision (float32 at least). Slow: for tests only."""
+    return _torch_scan(_step_by_step, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                       initial_state)
 
 
 def _scan_chunk(u: Tensor, delta: Tensor, A: Tensor, Bx: Tensor, Cx: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
@@ -93,23 +105,18 @@ def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     Memory is O(b * dim * chunk_size * N) for the live chunk plus one (b, dim, N) state per chunk. It is the
     fallback when the C++ kernel cannot be built, and the path for float64 and non-CPU/CUDA devices.
     """
-    dtype_in = u.dtype
-    ct = torch.promote_types(u.dtype, torch.float32)
-    u, delta, A = u.to(ct), delta.to(ct), A.to(ct)
-    delta = _prepare_delta(delta, None if delta_bias is None else delta_bias.to(ct), delta_softplus)
-    dim = u.shape[1]
-    Bx, Cx = _expand_groups(B.to(ct), dim), _expand_groups(C.to(ct), dim)
-    h = u.new_zeros(u.shape[0], dim, A.shape[1]) if initial_state is None else initial_state.to(ct)
-    ys = []
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, Bx, Cx))
-    for s in range(0, u.shape[-1], chunk_size):
-        sl = slice(s, s + chunk_size)
-        args = (u[..., sl], delta[..., sl], A, Bx[..., sl], Cx[..., sl], h)
-        y, h = checkpoint(_scan_chunk, *args, use_reentrant=False) if grad else _scan_chunk(*args)
-        ys.append(y)
-    y = _finish(torch.cat(ys, dim=-1), u, None if D is None else D.to(ct), None if z is None else z.to(ct))
-    out = y.to(dtype_in)
-    return (out, h.detach().float()) if return_last_state else out
+    def chunked(u: Tensor, delta: Tensor, A: Tensor, Bx: Tensor, Cx: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, Bx, Cx, h))
+        ys = []
+        for s in range(0, u.shape[-1], chunk_size):
+            sl = slice(s, s + chunk_size)
+            args = (u[..., sl], delta[..., sl], A, Bx[..., sl], Cx[..., sl], h)
+            y, h = checkpoint(_scan_chunk, *args, use_reentrant=False) if grad else _scan_chunk(*args)
+            ys.append(y)
+        return torch.cat(ys, dim=-1), h
+
+    return _torch_scan(chunked, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                       initial_state)
 
 
 def _as_blnt(BC: Tensor) -> Tensor:
