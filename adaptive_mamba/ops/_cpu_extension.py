@@ -19,7 +19,7 @@ _SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
 # name, so a cache shared between different CPUs never loads a mismatched binary. -fno-trapping-math and
 # -fassociative-math let the N-wide state loop (polynomial exp, <h, C> reduction) vectorise: 5x faster here.
 # -fopenmp makes at::parallel_for run on torch's intra-op threads.
-_CFLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
            "-fassociative-math", "-fno-signed-zeros"]
 _LDFLAGS = ["-fopenmp"]
 
