@@ -21,5 +21,14 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest tests -q
 
+# The demo: a small Mamba trained from scratch on this Python's standard library sources with all three pillars,
+# 2 ranks (CPU/gloo when there is no GPU). Leaves a checkpoint, an offline W&B run and runs/demo/summary.json.
+# Override e.g. `make train NPROC=1 TRAIN_ARGS="max_steps=20"`.
+NPROC ?= 2
+TRAIN_ARGS ?=
+train: venv
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) \
+		launch/train.py --config configs/demo.yaml $(TRAIN_ARGS)
+
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

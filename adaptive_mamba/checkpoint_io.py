@@ -31,10 +31,12 @@ class CheckpointError(ValueError):
     """A model directory that cannot be loaded; the message says what is wrong and how to fix it."""
 
 
-def save_model(model: "AdaptiveMambaForCausalLM", directory: str | Path) -> None:
+def save_model(model: "AdaptiveMambaForCausalLM", directory: str | Path,
+               state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """`state_dict` (default model.state_dict()) lets a caller save the base weights of a wrapped model (pillars)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     tmp = directory / (WEIGHTS_NAME + ".tmp")

@@ -1,0 +1,384 @@
+"""Pillar 2: learned masks over the mixer projections.
+
+    MaskConfig                          what to mask (projections, layers), how (unstructured / structured blocks),
+                                        the temperature schedule and the sparsity objective
+    apply_masks(model, cfg)             replace each target nn.Linear by a MaskedLinear holding the same weight
+                                        Parameters plus mask logits L; records cfg in model.config.extra["masks"]
+    mask_regularizer(model, cfg)        sparsity_weight * |sparsity - target_sparsity|: add it to the loss
+    temperature_at(step, cfg)           the annealed temperature tau at a step; set_temperature(model, tau) sets it
+    sparsity_report(model, tokens)      per module and in total: realised (hard-mask) sparsity, dense FLOPs and the
+                                        FLOPs of what evaluation actually executes
+    compile_masks(model)                replace every MaskedLinear by a CompactLinear (hard mask baked in, kept
+                                        channels of structured masks gathered into smaller dense weights)
+    masked_modules(model)               {canonical name: MaskedLinear}, looking through peft wrappers
+
+Training (module.training): M = sigmoid((L + G) / tau), G = log U - log(1 - U) logistic noise, weight W * M.
+Evaluation: the hard mask L > 0. Structured masks then run a smaller dense matmul over the kept channels only,
+so FLOPs and time fall; an unstructured hard mask is a dense matmul with zeros and costs dense FLOPs (so does a
+structured mask on the outputs of a layer with fewer than GATHER_MIN_FAN_IN inputs, e.g. dt_proj).
+
+The sparsity in the regulariser is the realised fraction of masked weights over all masked modules (hard masks
+L <= 0, weighted by weight count), with the gradient of the expected sparsity 1 - mean(sigmoid(L)) passed
+straight through. sigmoid(L) = P(L + G > 0) is the probability that the relaxed sample is "on" at every
+temperature, so this gradient does not vanish as tau is annealed (sigmoid(L / tau) saturates and would freeze
+the sparsity wherever it stood), and the value makes the realised sparsity, not a surrogate, reach the target.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adaptive_mamba.config import check_known_keys
+from adaptive_mamba.pillars.common import (D_INNER_SIDE, PROJECTIONS, base_layer, check_projections,
+                                           iter_projections, resolve_module)
+
+if TYPE_CHECKING:
+    from adaptive_mamba.model import AdaptiveMambaForCausalLM
+
+SCHEDULES = ("constant", "linear", "exponential", "cosine")
+# A structured mask on the output side gathers kept rows only when the layer has at least this many inputs: below
+# it (dt_proj: dt_rank inputs) the matmul is bound by writing its output, and a smaller matmul plus the scatter of
+# its rows is slower than the dense masked matmul (bench/bench_masks.py measures both).
+GATHER_MIN_FAN_IN = 64
+
+
+@dataclass
+class MaskConfig:
+    """Pillar 2 settings. `structured_side` "auto" masks the d_inner side of each projection (see common.py),
+    the side pillar 1 reorders, so that correlated channels are removed together."""
+
+    kind: str = "structured"                 # "unstructured" (one logit per weight) or "structured" (per block)
+    block_size: int = 16                     # channels per block (structured)
+    structured_side: str = "auto"            # "auto", "out" (blocks of output channels) or "in" (input channels)
+    targets: tuple[str, ...] = PROJECTIONS   # in_proj, x_proj, dt_proj, out_proj
+    layers: Optional[list[int]] = None       # None = every layer
+    init_logit: float = 3.0                  # logits start near "keep" (sigmoid(3) = 0.95) ...
+    init_std: float = 0.5                    # ... with a small spread so that they separate smoothly
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    anneal_steps: int = 1000
+    schedule: str = "exponential"            # constant | linear | exponential | cosine
+    target_sparsity: float = 0.5
+    sparsity_weight: float = 1.0
+    activation_window: int = 100             # steps of mean mask activation kept per module (pillar 3 importance)
+
+    def __post_init__(self) -> None:
+        self.targets = check_projections(self.targets, "MaskConfig.targets")
+        if self.kind not in ("unstructured", "structured"):
+            raise ValueError(f"MaskConfig.kind must be 'unstructured' or 'structured', got {self.kind!r}")
+        if self.structured_side not in ("auto", "out", "in"):
+            raise ValueError(f"MaskConfig.structured_side must be 'auto', 'out' or 'in', got {self.structured_side!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"MaskConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.block_size < 1 or self.anneal_steps < 1 or self.activation_window < 1:
+            raise ValueError("MaskConfig.block_size, anneal_steps and activation_window must be >= 1")
+        if not (self.tau_start > 0 and self.tau_end > 0):
+            raise ValueError(f"temperatures must be > 0, got tau_start={self.tau_start}, tau_end={self.tau_end}")
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(f"MaskConfig.target_sparsity must be in [0, 1), got {self.target_sparsity}")
+
+    def side_for(self, proj: str) -> str:
+        return D_INNER_SIDE[proj] if self.structured_side == "auto" else self.structured_side
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MaskConfig":
+        check_known_keys(cls.__name__, data, {f.name for f in dataclasses.fields(cls)})
+        return cls(**data)
+
+
+def logistic_noise(shape: torch.Size, like: Tensor) -> Tensor:
+    """G = log U - log(1 - U): the difference of two Gumbel(0, 1) variables."""
+    u = torch.rand(shape, device=like.device, dtype=torch.float32).clamp_(1e-6, 1 - 1e-6)
+    return (torch.log(u) - torch.log1p(-u)).to(like.dtype)
+
+
+class MaskedLinear(nn.Linear):
+    """nn.Linear with learned mask logits over its weight: per weight, or per block of output or input channels.
+
+    It holds the original weight and bias Parameters (no copy), so optimizers, ties and peft wrappers keep
+    working; peft's LoRA / IA3 layers wrap it like any nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, kind: str, side: Optional[str],
+                 block_size: int, activation_window: int, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.kind, self.side, self.block_size, self.tau = kind, side, block_size, 1.0
+        if kind == "unstructured":
+            shape: tuple[int, ...] = (out_features, in_features)
+        else:
+            n = out_features if side == "out" else in_features
+            if n % block_size:
+                raise ValueError(f"block_size {block_size} does not divide the {n} {side}put channels of a "
+                                 f"{in_features}->{out_features} projection; choose a divisor of {n}")
+            shape = (n // block_size,)
+        self.mask_logits = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        self.register_buffer("mask_history", torch.zeros(activation_window, device=device))
+        self.register_buffer("history_count", torch.zeros((), dtype=torch.long, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, cfg: MaskConfig, proj: str) -> "MaskedLinear":
+        w = linear.weight
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, cfg.kind,
+                     cfg.side_for(proj) if cfg.kind == "structured" else None, cfg.block_size,
+                     cfg.activation_window, device="meta", dtype=w.dtype)
+        module.weight, module.bias = linear.weight, linear.bias      # the same Parameters, not copies
+        module.mask_logits = nn.Parameter(torch.empty(module.mask_logits.shape, device=w.device, dtype=w.dtype)
+                                          .normal_(cfg.init_logit, cfg.init_std))
+        module.mask_history = torch.zeros(cfg.activation_window, device=w.device)
+        module.history_count = torch.zeros((), dtype=torch.long, device=w.device)
+        module.train(linear.training)
+        return module
+
+    def reset_parameters(self) -> None:   # weights come from the wrapped layer; nothing to initialise
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+    # ------------------------------------------------------------------------------------------ masks
+    def expand(self, m: Tensor) -> Tensor:
+        """Per-logit values -> a tensor broadcastable against the weight (out, in)."""
+        if self.kind == "unstructured":
+            return m
+        m = m.repeat_interleave(self.block_size)
+        return m[:, None] if self.side == "out" else m[None, :]
+
+    def soft_mask(self) -> Tensor:
+        """A sample of the relaxed mask sigmoid((L + G) / tau), one value per logit."""
+        L = self.mask_logits
+        return torch.sigmoid((L + logistic_noise(L.shape, L)) / self.tau)
+
+    def hard_mask(self) -> Tensor:
+        return self.mask_logits > 0
+
+    def kept_channels(self) -> Tensor:
+        """Indices of the channels a structured hard mask keeps (on its side)."""
+        return self.hard_mask().repeat_interleave(self.block_size).nonzero().squeeze(1)
+
+    def expected_density(self) -> Tensor:
+        """mean(sigmoid(L)): the expected fraction of kept weights, P(L + G > 0) for logistic G, at any tau."""
+        return torch.sigmoid(self.mask_logits.float()).mean()
+
+    def hard_density(self) -> Tensor:
+        """Fraction of weights the hard mask keeps."""
+        return self.hard_mask().float().mean()
+
+    def realised_sparsity(self) -> float:
+        return 1.0 - float(self.hard_density())
+
+    @property
+    def gathers(self) -> bool:
+        """Whether the evaluation forward runs a smaller dense matmul over the kept channels only."""
+        return self.kind == "structured" and (self.side == "in" or self.in_features >= GATHER_MIN_FAN_IN)
+
+    def executed_flops(self, tokens: int = 1) -> int:
+        """Multiply-add FLOPs (2 per MAC) of the evaluation forward for `tokens` tokens."""
+        if not self.gathers:
+            return 2 * tokens * self.out_features * self.in_features
+        kept = int(self.hard_mask().sum()) * self.block_size
+        return 2 * tokens * kept * (self.in_features if self.side == "out" else self.out_features)
+
+    # ---------------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            m = self.soft_mask()
+            with torch.no_grad():   # ring buffer of mean activations (pillar 3's "activations" importance)
+                slot = (self.history_count % self.mask_history.numel()).view(1)
+                self.mask_history.index_copy_(0, slot, m.detach().float().mean().view(1))
+                self.history_count += 1
+            return F.linear(x, self.weight * self.expand(m.to(self.weight.dtype)), self.bias)
+        if not self.gathers:
+            return F.linear(x, self.weight * self.expand(self.hard_mask().to(self.weight.dtype)), self.bias)
+        kept = self.kept_channels()
+        weight = self.weight.index_select(0 if self.side == "out" else 1, kept)
+        return compact_linear(x, weight, self.bias, kept, self.side, self.out_features)
+
+
+def compact_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], kept: Tensor, side: str,
+                   out_features: int) -> Tensor:
+    """The forward of a structured hard mask as a smaller dense matmul. `weight` holds only the kept rows
+    (side "out") or columns (side "in") of the full weight, `kept` their indices, `bias` is the full bias. Equals
+    x W'^T + b with W' the full weight with dropped rows/columns zeroed (dropped outputs get the bias alone).
+
+    Side "out" computes the kept outputs channel-major, (kept, tokens), so that placing them in the full output is
+    a copy of whole contiguous rows; the result is returned as a transposed view (the mixer transposes the outputs
+    of in_proj and dt_proj to channel-major next anyway)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if side == "in":
+        return F.linear(x2.index_select(1, kept), weight, bias).view(*lead, -1)
+    part = torch.mm(weight, x2.t())                                       # (kept, tokens)
+    full = part.new_empty(out_features, x2.shape[0])
+    dropped = torch.ones(out_features, dtype=torch.bool, device=kept.device).index_fill_(0, kept, False)
+    dropped = dropped.nonzero().squeeze(1)
+    if bias is None:
+        full.index_copy_(0, kept, part).index_fill_(0, dropped, 0.0)
+    else:
+        b = bias.to(part.dtype)[:, None]
+        full.index_copy_(0, kept, part + b.index_select(0, kept))
+        full.index_copy_(0, dropped, b.index_select(0, dropped).expand(-1, x2.shape[0]))
+    return full.t().view(*lead, out_features)
+
+
+class CompactLinear(nn.Module):
+    """A compiled hard mask: for gathering structured masks the kept rows/columns only (a smaller dense weight),
+    otherwise the masked dense weight. Same input and output shapes as the layer it replaces."""
+
+    def __init__(self, source: MaskedLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.side = source.in_features, source.out_features, source.side
+        with torch.no_grad():
+            if not source.gathers:
+                self.side = None
+                self.weight = nn.Parameter(source.weight * source.expand(source.hard_mask().to(source.weight.dtype)),
+                                           requires_grad=False)
+                self.register_buffer("kept", None)
+            else:
+                kept = source.kept_channels()
+                self.weight = nn.Parameter(source.weight.index_select(0 if self.side == "out" else 1, kept).clone(),
+                                           requires_grad=False)
+                self.register_buffer("kept", kept)
+            self.bias = None if source.bias is None else nn.Parameter(source.bias.detach().clone(),
+                                                                      requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kept is None:
+            return F.linear(x, self.weight, self.bias)
+        return compact_linear(x, self.weight, self.bias, self.kept, self.side, self.out_features)
+
+    def executed_flops(self, tokens: int = 1) -> int:
+        return 2 * tokens * self.weight.numel()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={tuple(self.weight.shape)}"
+
+
+# -------------------------------------------------------------------------------------------- model-level API
+def masked_modules(model: "AdaptiveMambaForCausalLM") -> dict[str, MaskedLinear]:
+    """{'blocks.i.mixer.proj': MaskedLinear} for every masked projection (looking through peft wrappers)."""
+    return {name: base_layer(mod) for name, _, mod, _ in iter_projections(model)
+            if isinstance(base_layer(mod), MaskedLinear)}
+
+
+def apply_masks(model: "AdaptiveMambaForCausalLM", cfg: MaskConfig) -> dict[str, MaskedLinear]:
+    """Wrap the target projections of the target layers in MaskedLinear (in place; weights are shared, not copied),
+    set the starting temperature and record cfg in model.config.extra['masks']. Returns the new modules."""
+    if masked_modules(model):
+        raise ValueError("the model already has masks; apply_masks is applied once (load a saved model with "
+                         "load_adaptive_model to restore masks)")
+    added = {}
+    for name, _, module, proj in iter_projections(model, cfg.targets, cfg.layers):
+        if module is not base_layer(module) or type(module) is not nn.Linear:
+            raise ValueError(f"{name} is a {type(module).__name__}, not a plain nn.Linear: apply masks before "
+                             "adapters are injected (apply_allocation) and before compile_masks")
+        parent, attr, _ = resolve_module(model, name)
+        added[name] = MaskedLinear.from_linear(module, cfg, proj)
+        setattr(parent, attr, added[name])
+    set_temperature(model, cfg.tau_start)
+    model.config.extra["masks"] = cfg.to_dict()
+    return added
+
+
+def temperature_at(step: int, cfg: MaskConfig) -> float:
+    """tau at `step`: from tau_start to tau_end over anneal_steps (then constant), following cfg.schedule."""
+    t = min(max(step, 0), cfg.anneal_steps) / cfg.anneal_steps
+    a, b = cfg.tau_start, cfg.tau_end
+    if cfg.schedule == "constant":
+        return a
+    if cfg.schedule == "linear":
+        return a + (b - a) * t
+    if cfg.schedule == "exponential":
+        return a * (b / a) ** t
+    return b + (a - b) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def set_temperature(model: "AdaptiveMambaForCausalLM", tau: float) -> None:
+    if tau <= 0:
+        raise ValueError(f"mask temperature must be > 0, got {tau}")
+    for module in masked_modules(model).values():
+        module.tau = float(tau)
+
+
+def _weighted_sparsity(model: "AdaptiveMambaForCausalLM", density: str) -> Tensor:
+    modules = list(masked_modules(model).values())
+    if not modules:
+        raise ValueError("the model has no masks: call apply_masks(model, MaskConfig(...)) first")
+    total = sum(m.weight.numel() for m in modules)
+    return 1.0 - sum(getattr(m, density)() * (m.weight.numel() / total) for m in modules)
+
+
+def expected_sparsity(model: "AdaptiveMambaForCausalLM") -> Tensor:
+    """Differentiable expected fraction of masked weights, 1 - weighted mean of sigmoid(L) over masked modules."""
+    return _weighted_sparsity(model, "expected_density")
+
+
+def mask_regularizer(model: "AdaptiveMambaForCausalLM", cfg: MaskConfig) -> Tensor:
+    """sparsity_weight * |sparsity - target_sparsity|, a scalar to add to the training loss. Its value uses the
+    realised (hard-mask) sparsity; its gradient flows through the expected sparsity (straight-through), so the
+    realised sparsity is what moves to the target."""
+    soft = expected_sparsity(model)
+    sparsity = _weighted_sparsity(model, "hard_density").to(soft.dtype) + (soft - soft.detach())
+    return cfg.sparsity_weight * (sparsity - cfg.target_sparsity).abs()
+
+
+def sparsity_report(model: "AdaptiveMambaForCausalLM", tokens: int = 1) -> dict[str, Any]:
+    """Per masked (or compiled) module and in total: realised sparsity (fraction of weights the hard mask removes),
+    dense FLOPs and executed FLOPs of the evaluation forward for `tokens` tokens. FLOPs are counted from the shapes
+    that execute: a structured mask's gathered matmul, or the full dense matmul (unstructured masks, and structured
+    output masks of layers below GATHER_MIN_FAN_IN inputs)."""
+    modules: dict[str, dict[str, Any]] = {}
+    for name, _, module, _ in iter_projections(model):
+        layer = base_layer(module)
+        dense = 2 * tokens * layer.in_features * layer.out_features
+        if isinstance(layer, MaskedLinear):
+            sparsity, kind = layer.realised_sparsity(), layer.kind
+        elif isinstance(layer, CompactLinear):
+            kind = "compiled"
+            sparsity = 1.0 - (layer.weight.numel() / (layer.in_features * layer.out_features) if layer.kept is not None
+                              else float((layer.weight != 0).float().mean()))
+        else:
+            continue
+        modules[name] = {"kind": kind, "sparsity": sparsity, "dense_flops": dense,
+                         "executed_flops": layer.executed_flops(tokens)}
+    if not modules:
+        raise ValueError("the model has no masks: call apply_masks(model, MaskConfig(...)) first")
+    weights = {n: model.get_submodule(n) for n in modules}
+    numel = {n: base_layer(m).in_features * base_layer(m).out_features for n, m in weights.items()}
+    total = sum(numel.values())
+    return {"modules": modules,
+            "sparsity": sum(r["sparsity"] * numel[n] for n, r in modules.items()) / total,
+            "dense_flops": sum(r["dense_flops"] for r in modules.values()),
+            "executed_flops": sum(r["executed_flops"] for r in modules.values())}
+
+
+def format_sparsity_report(report: dict[str, Any]) -> str:
+    lines = [f"{name}: sparsity {r['sparsity']:.3f}  executed {r['executed_flops']:,} / dense {r['dense_flops']:,} "
+             f"FLOPs ({r['kind']})" for name, r in report["modules"].items()]
+    lines.append(f"total: sparsity {report['sparsity']:.3f}  executed {report['executed_flops']:,} / dense "
+                 f"{report['dense_flops']:,} FLOPs ({report['executed_flops'] / report['dense_flops']:.3f})")
+    return "\n".join(lines)
+
+
+def compile_masks(model: "AdaptiveMambaForCausalLM") -> dict[str, CompactLinear]:
+    """Replace every MaskedLinear by a CompactLinear (evaluation / export; the result has no mask logits and is
+    not trainable). Adapters must be merged first: a peft wrapper around a mask is refused."""
+    compiled = {}
+    for name, module in masked_modules(model).items():
+        parent, attr, attached = resolve_module(model, name)
+        if attached is not module:
+            raise ValueError(f"{name} carries a peft adapter: merge it (apply_allocation with every module 'frozen' "
+                             "and on_kind_change='merge') before compile_masks")
+        compiled[name] = CompactLinear(module)
+        setattr(parent, attr, compiled[name])
+    return compiled
+
+
+__all__ = ["MaskConfig", "MaskedLinear", "CompactLinear", "PROJECTIONS", "apply_masks", "compile_masks",
+           "compact_linear", "expected_sparsity", "format_sparsity_report", "mask_regularizer", "masked_modules",
+           "set_temperature", "sparsity_report", "temperature_at"]

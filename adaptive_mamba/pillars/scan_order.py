@@ -1,0 +1,321 @@
+"""Pillar 1: variable-aware scan order. Reorder the d_inner channels of each layer so that correlated channels are
+neighbours; the reorder is an exact reparametrisation (the model's outputs do not change).
+
+Collect statistics / decide / apply, so that a distributed caller can all-reduce, broadcast and checkpoint:
+
+    c = ScanStatsCollector(model)       per layer float64 running sum of u, sum of u u^T and token count, from a
+    c.enable(); c.disable(); c.reset()  forward hook on mixer.scan_input (no hook, no cost, when disabled)
+    c.state_tensors()                   the statistics as a flat list of tensors: all-reduce them (SUM) in place
+    decide_scan_order(c or stats)       -> ScanOrderDecision: per layer permutation + path costs (identity, greedy
+                                        nearest neighbour, after 2-opt); to_dict()/from_dict() are JSON-safe
+    reparametrization_plan(model, d)    -> [PermuteOp(name, dim, index, block_size)]: every parameter to permute
+                                        (base weights, mask logits, LoRA/IA3 weights); PermuteOp.apply(tensor) also
+                                        permutes fp32 master copies and Adam moments the same way
+    apply_scan_order(model, d, ...)     applies the plan in place (and to a torch optimizer's state), records the
+                                        cumulative order in model.config.extra["scan_order"] (saved with the model)
+    current_scan_order(model)           per layer: original channel index at each current position
+
+Permutation convention: perm[k] = the current channel that moves to position k (new = old.index_select(perm)).
+Statistics are in the current channel order; after applying a decision reset the collector (apply_scan_order does
+it when given the collector). Gradient checkpointing runs each block twice; the duplicate samples leave the
+correlation unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from adaptive_mamba.pillars.common import D_INNER_SIDE, PROJECTIONS, base_layer
+
+if TYPE_CHECKING:
+    from adaptive_mamba.model import AdaptiveMambaForCausalLM
+
+LayerStats = tuple[Tensor, Tensor, Tensor]   # (sum (d,), sum of outer products (d, d), count ()) in float64
+
+
+class ScanStatsCollector:
+    """Streaming float64 statistics of the scan input u (B, d_inner, L) of every layer."""
+
+    def __init__(self, model: "AdaptiveMambaForCausalLM", token_stride: int = 1) -> None:
+        if token_stride < 1:
+            raise ValueError(f"token_stride must be >= 1, got {token_stride}")
+        self.mixers = [block.mixer for block in model.blocks]
+        self.token_stride = token_stride
+        self.stats: list[LayerStats] = []
+        for mixer in self.mixers:
+            dev, d = mixer.A_log.device, mixer.d_inner
+            self.stats.append((torch.zeros(d, dtype=torch.float64, device=dev),
+                               torch.zeros(d, d, dtype=torch.float64, device=dev),
+                               torch.zeros((), dtype=torch.float64, device=dev)))
+        self._handles: list[Any] = []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._handles)
+
+    def enable(self) -> None:
+        if not self._handles:
+            self._handles = [m.scan_input.register_forward_hook(self._hook(i)) for i, m in enumerate(self.mixers)]
+
+    def disable(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def reset(self) -> None:
+        for tensors in self.stats:
+            for t in tensors:
+                t.zero_()
+
+    def state_tensors(self) -> list[Tensor]:
+        """[sum_0, outer_0, count_0, sum_1, ...]: the tensors to all-reduce (SUM) across ranks, in place."""
+        return [t for tensors in self.stats for t in tensors]
+
+    def _hook(self, layer: int):
+        def hook(module: nn.Module, inputs: Any, u: Tensor) -> None:
+            s, outer, count = self.stats[layer]
+            with torch.no_grad():
+                x = u.detach().transpose(1, 2).reshape(-1, u.shape[1])[::self.token_stride].to(torch.float64)
+                s.add_(x.sum(0))
+                outer.addmm_(x.T, x)
+                count.add_(x.shape[0])
+        return hook
+
+
+def correlation(stats: LayerStats) -> np.ndarray:
+    """Pearson correlation matrix from (sum, sum of outer products, count); channels with zero variance get
+    correlation 0 with every other channel."""
+    s, outer, count = (t.detach().cpu().double().numpy() for t in stats)
+    n = float(count)
+    if n < 2:
+        raise ValueError(f"need statistics of at least 2 tokens to estimate correlations, got {n:.0f}: enable the "
+                         "collector and run forward passes first")
+    mean = s / n
+    cov = outer / n - np.outer(mean, mean)
+    std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    live = std > 1e-12 * max(float(std.max()), 1e-300)
+    inv = np.where(live, 1.0 / np.where(live, std, 1.0), 0.0)
+    rho = np.clip(cov * inv[:, None] * inv[None, :], -1.0, 1.0)
+    np.fill_diagonal(rho, 1.0)
+    return rho
+
+
+def path_cost(cost: np.ndarray, order: Sequence[int]) -> float:
+    """Sum of cost[order[k], order[k+1]] over consecutive positions (an open path)."""
+    order = np.asarray(order)
+    return float(cost[order[:-1], order[1:]].sum())
+
+
+def nearest_neighbour_path(cost: np.ndarray, start: int) -> np.ndarray:
+    """Greedy path: from `start`, always step to the cheapest unvisited channel (ties: lowest index). O(d^2)."""
+    d = cost.shape[0]
+    visited = np.zeros(d, dtype=bool)
+    order = np.empty(d, dtype=np.int64)
+    order[0], visited[start] = start, True
+    for k in range(1, d):
+        row = np.where(visited, np.inf, cost[order[k - 1]])
+        order[k] = int(np.argmin(row))
+        visited[order[k]] = True
+    return order
+
+
+def two_opt(cost: np.ndarray, order: np.ndarray, max_passes: int = 50, eps: float = 1e-12) -> np.ndarray:
+    """Improve an open path by segment reversals until no reversal lowers its cost (or max_passes).
+
+    The open path is closed through a virtual node at zero cost from every channel, so reversing a prefix or
+    suffix (one changed edge) is the same move as reversing an inner segment (two changed edges)."""
+    d = len(order)
+    if d < 3:
+        return order.copy()
+    full = np.zeros((d + 1, d + 1))
+    full[:d, :d] = cost
+    tour = np.concatenate([[d], order])                       # virtual node d at position 0
+    n = d + 1
+    for _ in range(max_passes):
+        improved = False
+        for i in range(1, n - 1):
+            a, b = tour[i - 1], tour[i]
+            js = np.arange(i + 1, n)
+            c, e = tour[js], tour[(js + 1) % n]
+            delta = full[a, c] + full[b, e] - full[a, b] - full[c, e]
+            k = int(np.argmin(delta))
+            if delta[k] < -eps:
+                j = int(js[k])
+                tour[i:j + 1] = tour[i:j + 1][::-1].copy()
+                improved = True
+        if not improved:
+            break
+    pos = int(np.where(tour == d)[0][0])
+    return np.concatenate([tour[pos + 1:], tour[:pos]]).astype(np.int64)
+
+
+def best_path(cost: np.ndarray, n_starts: int = 8, max_passes: int = 50) -> tuple[np.ndarray, float, float]:
+    """Nearest-neighbour paths from n_starts evenly spaced channels, the cheapest improved by 2-opt.
+    Returns (order, greedy cost, cost after 2-opt)."""
+    d = cost.shape[0]
+    starts = sorted({int(round(k * d / n_starts)) % d for k in range(max(1, min(n_starts, d)))})
+    greedy = min((nearest_neighbour_path(cost, s) for s in starts), key=lambda o: path_cost(cost, o))
+    improved = two_opt(cost, greedy, max_passes)
+    return improved, path_cost(cost, greedy), path_cost(cost, improved)
+
+
+@dataclass
+class ScanOrderDecision:
+    """Per layer: the permutation to apply (identity when no improvement was found) and the path costs."""
+
+    perms: list[list[int]]
+    cost_identity: list[float]      # the current order
+    cost_greedy: list[float]        # best nearest-neighbour path, before 2-opt
+    cost_after: list[float]         # the chosen order (after 2-opt, or the identity when kept)
+    step: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"perms": self.perms, "cost_identity": self.cost_identity, "cost_greedy": self.cost_greedy,
+                "cost_after": self.cost_after, "step": self.step}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ScanOrderDecision":
+        return cls(perms=[list(map(int, p)) for p in data["perms"]], cost_identity=list(data["cost_identity"]),
+                   cost_greedy=list(data["cost_greedy"]), cost_after=list(data["cost_after"]),
+                   step=int(data.get("step", 0)))
+
+    def summary(self) -> str:
+        return "\n".join(f"layer {i}: path cost identity {ci:.2f} -> greedy {cg:.2f} -> 2-opt {ca:.2f} "
+                         f"({100 * (1 - ca / ci) if ci else 0.0:.1f}% lower)"
+                         for i, (ci, cg, ca) in enumerate(zip(self.cost_identity, self.cost_greedy, self.cost_after)))
+
+
+def decide_scan_order(source: ScanStatsCollector | Sequence[LayerStats], n_starts: int = 8, max_passes: int = 50,
+                      min_improvement: float = 0.0, step: int = 0) -> ScanOrderDecision:
+    """Decide each layer's order from its statistics (cost 1 - |rho|). A layer keeps its current order unless the
+    new path is cheaper by more than `min_improvement` (a fraction of the identity cost). Deterministic."""
+    stats = source.stats if isinstance(source, ScanStatsCollector) else list(source)
+    perms, c_id, c_greedy, c_after = [], [], [], []
+    for layer_stats in stats:
+        cost = 1.0 - np.abs(correlation(layer_stats))
+        d = cost.shape[0]
+        identity_cost = path_cost(cost, np.arange(d))
+        order, greedy_cost, after_cost = best_path(cost, n_starts, max_passes)
+        if after_cost >= identity_cost * (1.0 - min_improvement):
+            order, after_cost = np.arange(d), identity_cost
+        perms.append(order.tolist())
+        c_id.append(identity_cost)
+        c_greedy.append(greedy_cost)
+        c_after.append(after_cost)
+    return ScanOrderDecision(perms, c_id, c_greedy, c_after, step)
+
+
+# ------------------------------------------------------------------------------------------------- apply
+@dataclass
+class PermuteOp:
+    """Permute parameter `name` along `dim`: new = old.index_select(dim, index). With block_size > 1 the parameter
+    holds one value per block of channels (structured mask logits): `index` maps each new channel to its old
+    block and the new block value is the mean over its channels (exact when whole blocks move together)."""
+
+    name: str
+    dim: int
+    index: Tensor
+    block_size: int = 1
+
+    def apply(self, tensor: Tensor) -> Tensor:
+        out = tensor.index_select(self.dim, self.index.to(tensor.device))
+        if self.block_size > 1:
+            out = out.unflatten(self.dim, (-1, self.block_size)).mean(self.dim + 1)
+        return out
+
+
+def _projection_ops(prefix: str, rel: str, param: Tensor, module: nn.Module, side: str,
+                    index: Tensor) -> list[PermuteOp]:
+    """Ops for one parameter `rel` of a projection (e.g. 'base_layer.lora_A.x.weight'); `index` permutes the
+    projection's d_inner side."""
+    parts = [p for p in rel.split(".") if p != "base_layer"]
+    name = f"{prefix}.{rel}"
+    dim_of_side = 0 if side == "out" else 1
+    if parts == ["weight"]:
+        return [PermuteOp(name, dim_of_side, index)]
+    if parts == ["bias"] or parts[0] == "lora_B":
+        return [PermuteOp(name, 0, index)] if side == "out" else []
+    if parts == ["mask_logits"]:
+        layer = base_layer(module)
+        if layer.kind == "unstructured":
+            return [PermuteOp(name, dim_of_side, index)]
+        return [PermuteOp(name, 0, index // layer.block_size, layer.block_size)] if layer.side == side else []
+    if parts[0] == "lora_A":
+        return [PermuteOp(name, 1, index)] if side == "in" else []
+    if parts[0] == "ia3_l":   # (out, 1) scales outputs, (1, in) scales inputs
+        scales_out = param.shape[1] == 1 and param.shape[0] > 1
+        if scales_out == (side == "out"):
+            return [PermuteOp(name, 0 if scales_out else 1, index)]
+        return []
+    raise ValueError(f"parameter {name} is of a kind the scan-order reparametrisation does not know; permuting the "
+                     "channels would change the model. Remove that adapter (or compile_masks) before reordering")
+
+
+def reparametrization_plan(model: "AdaptiveMambaForCausalLM", decision: ScanOrderDecision) -> list[PermuteOp]:
+    """Every parameter to permute for `decision` and how, named as in model.named_parameters(). Layers whose
+    permutation is the identity are skipped."""
+    if len(decision.perms) != len(model.blocks):
+        raise ValueError(f"decision has {len(decision.perms)} layers, the model {len(model.blocks)}")
+    plan: list[PermuteOp] = []
+    for i, block in enumerate(model.blocks):
+        mixer = block.mixer
+        perm = torch.as_tensor(decision.perms[i], dtype=torch.long)
+        if sorted(decision.perms[i]) != list(range(mixer.d_inner)):
+            raise ValueError(f"layer {i}: not a permutation of range({mixer.d_inner})")
+        if torch.equal(perm, torch.arange(mixer.d_inner)):
+            continue
+        prefix = f"blocks.{i}.mixer"
+        for rel, param in mixer.named_parameters():
+            head = rel.split(".")[0]
+            if head in ("A_log", "D"):
+                plan.append(PermuteOp(f"{prefix}.{rel}", 0, perm))
+            elif head == "conv1d":
+                if rel not in ("conv1d.weight", "conv1d.bias"):
+                    raise ValueError(f"{prefix}.{rel}: adapters on conv1d are not supported by the scan reorder")
+                plan.append(PermuteOp(f"{prefix}.{rel}", 0, perm))
+            elif head in PROJECTIONS:
+                if type(base_layer(getattr(mixer, head))).__name__ == "CompactLinear":
+                    raise ValueError(f"{prefix}.{head} is a compiled mask (CompactLinear): reorder before compile_masks")
+                index = torch.cat([perm, perm + mixer.d_inner]) if head == "in_proj" else perm  # x and z halves
+                plan += _projection_ops(f"{prefix}.{head}", rel[len(head) + 1:], param, getattr(mixer, head),
+                                        D_INNER_SIDE[head], index)
+            else:
+                raise ValueError(f"unknown mixer parameter {prefix}.{rel}: cannot reorder channels safely")
+    return plan
+
+
+def current_scan_order(model: "AdaptiveMambaForCausalLM") -> list[list[int]]:
+    """Per layer, the original channel index now at each position (identity if never reordered)."""
+    saved = model.config.extra.get("scan_order")
+    return [list(p) for p in saved] if saved else [list(range(b.mixer.d_inner)) for b in model.blocks]
+
+
+@torch.no_grad()
+def apply_scan_order(model: "AdaptiveMambaForCausalLM", decision: ScanOrderDecision,
+                     optimizer: Optional[torch.optim.Optimizer] = None,
+                     collector: Optional[ScanStatsCollector] = None) -> list[PermuteOp]:
+    """Apply the decision in place (single process): permute every parameter of the plan, the matching state of
+    `optimizer` (Adam moments...), reset `collector`, and update the cumulative order in model.config.extra."""
+    plan = reparametrization_plan(model, decision)
+    params = dict(model.named_parameters())
+    for op in plan:
+        p = params[op.name]
+        p.copy_(op.apply(p))
+        if optimizer is not None:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape == p.shape:   # moments, not "step"
+                    value.copy_(op.apply(value))
+    order = current_scan_order(model)
+    model.config.extra["scan_order"] = [[o[k] for k in perm] for o, perm in zip(order, decision.perms)]
+    if collector is not None:
+        collector.reset()
+    return plan
+
+
+__all__ = ["LayerStats", "PermuteOp", "ScanOrderDecision", "ScanStatsCollector", "apply_scan_order",
+           "best_path", "correlation", "current_scan_order", "decide_scan_order", "nearest_neighbour_path",
+           "path_cost", "reparametrization_plan", "two_opt"]

@@ -1,0 +1,308 @@
+"""The three pillars inside distributed training: collect, all-reduce, decide on rank 0, broadcast, apply.
+
+- Pillar 1 (scan order): every rank's `ScanStatsCollector` accumulates statistics of the scan input;
+  every `scan_update_frequency` steps they are all-reduced (float64 sums), rank 0 decides the
+  permutation, broadcasts it, and every rank permutes parameters, fp32 master copies and Adam moments
+  through DeepSpeed's safe_get/set API (any ZeRO stage).
+- Pillar 2 (masks): applied when the model is built; the regulariser runs inside the training forward
+  (its mask logits are registered as ZeRO-3 external parameters); the temperature follows the schedule.
+- Pillar 3 (hybrid PEFT): every `peft_reallocation_frequency` steps the full model is gathered,
+  importance is computed on every rank and averaged (mask-activation history differs per rank), rank 0
+  decides, broadcasts, every rank applies the allocation and the engine and optimizer are rebuilt
+  (new adapters start with fresh Adam moments).
+
+The model's structure (masks, adapters) is a function of this controller's state, so a checkpoint
+rebuilds it before loading weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from adaptive_mamba.training.config import TrainConfig
+from adaptive_mamba.training.distributed import DistContext, all_reduce_sum, broadcast_object
+from adaptive_mamba.training.engine import permute_engine_params, zero_stage
+
+if TYPE_CHECKING:
+    from adaptive_mamba.model import AdaptiveMambaForCausalLM
+    from adaptive_mamba.training.trainer import Trainer
+
+
+class PillarController:
+    """Owns the pillars' configuration, decisions and statistics for one training run."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, total_steps: int) -> None:
+        self.cfg, self.ctx, self.total_steps = cfg, ctx, total_steps
+        self.mask_cfg = None
+        if cfg.masking:
+            from adaptive_mamba.pillars.masks import MaskConfig
+
+            self.mask_cfg = MaskConfig(kind=cfg.mask_granularity, block_size=cfg.mask_block_size,
+                                       targets=cfg.mask_target_list,
+                                       tau_start=cfg.masking_tau, tau_end=cfg.masking_tau_final,
+                                       anneal_steps=max(1, total_steps), target_sparsity=cfg.target_sparsity,
+                                       sparsity_weight=cfg.sparsity_weight)
+        self.peft_cfg = self._peft_config() if cfg.peft else None
+        self.scan_decisions: list[dict[str, Any]] = []     # every refresh, in order (costs + permutations)
+        self.allocation: Optional[dict[str, Any]] = None   # the current allocation decision (serialised)
+        self.allocation_history: list[dict[str, Any]] = []
+        self.scan_order: Optional[list[list[int]]] = None   # cumulative: original channel at each position
+        self.collector = None
+
+    def _peft_config(self):
+        from adaptive_mamba.pillars.hybrid_peft import HybridPeftConfig
+
+        return HybridPeftConfig(importance_threshold=self.cfg.importance_threshold,
+                                peft_application_ratio=self.cfg.peft_application_ratio,
+                                lora_r=self.cfg.peft_r, lora_alpha=self.cfg.peft_alpha, seed=self.cfg.seed,
+                                target_modules=self.cfg.mask_target_list)
+
+    # -------------------------------------------------------------------------------- model structure
+    def build_structure(self, model: "AdaptiveMambaForCausalLM") -> "AdaptiveMambaForCausalLM":
+        """Apply masks and the current allocation to a freshly built model (weights are loaded afterwards)."""
+        if self.mask_cfg is not None:
+            from adaptive_mamba.pillars.masks import apply_masks
+
+            frozen = not any(p.requires_grad for p in model.parameters())
+            apply_masks(model, self.mask_cfg)
+            if frozen:      # fine-tune: base weights stay frozen, mask logits train
+                for name, p in model.named_parameters():
+                    p.requires_grad_("mask_logits" in name)
+        if self.allocation is not None:
+            self._apply_allocation(model, self.allocation)
+        if self.scan_order is not None:      # the weights loaded next are in this order; record it with the model
+            model.config.extra["scan_order"] = [list(o) for o in self.scan_order]
+        return model
+
+    def attach(self, model: "AdaptiveMambaForCausalLM") -> None:
+        """Hook the statistics collector onto the engine's model (after every engine (re)build)."""
+        if not (self.cfg.scan_order and self.cfg.scan_update_frequency):
+            return
+        from adaptive_mamba.pillars.scan_order import ScanStatsCollector
+
+        previous = self.collector
+        self.collector = ScanStatsCollector(model)
+        if previous is not None:
+            previous.disable()
+            for new, old in zip(self.collector.state_tensors(), previous.state_tensors()):
+                new.copy_(old)
+        self.collector.enable()
+
+    # ----------------------------------------------------------------------------------- per step
+    def regularizer(self, model: "AdaptiveMambaForCausalLM") -> Tensor:
+        """sparsity_weight * |expected sparsity - target| over the masked projections (0 without masks).
+        Weight counts come from the layer shapes, so it is the same under ZeRO-3 partitioning."""
+        if self.mask_cfg is None or not model.training:
+            return torch.zeros((), device=model.embedding.weight.device)
+        from adaptive_mamba.pillars.masks import masked_modules
+
+        modules = list(masked_modules(model).values())
+        sizes = [m.in_features * m.out_features for m in modules]
+        total = sum(sizes)
+        density = sum(m.expected_density() * (n / total) for m, n in zip(modules, sizes))
+        return self.mask_cfg.sparsity_weight * ((1.0 - density) - self.mask_cfg.target_sparsity).abs()
+
+    def on_step_begin(self, model: "AdaptiveMambaForCausalLM", step: int) -> None:
+        if self.mask_cfg is not None:
+            from adaptive_mamba.pillars.masks import set_temperature, temperature_at
+
+            set_temperature(model, temperature_at(step, self.mask_cfg))
+
+    def on_step_end(self, model: "AdaptiveMambaForCausalLM") -> None:
+        """Nothing to do per step: statistics accumulate in forward hooks."""
+
+    # --------------------------------------------------------------------------------- refreshes
+    def maybe_refresh(self, trainer: "Trainer", step: int) -> dict[str, Any]:
+        """Run the refreshes due after optimizer step `step`; returns metrics, tables and log lines."""
+        events: dict[str, Any] = {"metrics": {}, "tables": [], "lines": [], "decisions": []}
+        freq = self.cfg.scan_update_frequency
+        if self.collector is not None and freq and step % freq == 0 and step < self.total_steps:
+            self._refresh_scan(trainer, step, events)
+            events["decisions"].append("scan_order")
+        if self.peft_cfg is not None and self._allocation_due(step) and step < self.total_steps:
+            self._reallocate(trainer, step, events)
+            events["decisions"].append("allocation")
+        return events
+
+    def _allocation_due(self, step: int) -> bool:
+        freq, start = self.cfg.peft_reallocation_frequency, self.cfg.peft_start_step
+        first = start if start > 0 else (freq if freq > 0 else 1)
+        if step == first:
+            return True
+        return step > first and freq > 0 and (step - first) % freq == 0
+
+    def _refresh_scan(self, trainer: "Trainer", step: int, events: dict[str, Any]) -> None:
+        from adaptive_mamba.pillars.scan_order import (ScanOrderDecision, current_scan_order, decide_scan_order,
+                                                       reparametrization_plan)
+
+        tensors = self.collector.state_tensors()
+        for t, total in zip(tensors, all_reduce_sum(tensors)):
+            t.copy_(total)
+        decision = decide_scan_order(self.collector, step=step) if self.ctx.is_main else None
+        decision = ScanOrderDecision.from_dict(broadcast_object(decision.to_dict() if decision else None))
+        model = trainer.module.model
+        # the plan reads parameter shapes: under ZeRO-3 (partitioned) plan on a gathered copy (same names)
+        plan_model = trainer.full_model() if zero_stage(trainer.ds_config) == 3 else model
+        plan = [(f"model.{op.name}", op.apply) for op in reparametrization_plan(plan_model, decision)]
+        permute_engine_params(trainer.engine, plan)
+        order = current_scan_order(model)
+        self.scan_order = [[o[k] for k in perm] for o, perm in zip(order, decision.perms)]
+        model.config.extra["scan_order"] = [list(o) for o in self.scan_order]
+        self.collector.reset()
+        self.scan_decisions.append(decision.to_dict())
+        ci, ca = sum(decision.cost_identity), sum(decision.cost_after)
+        reduction = 100 * (1 - ca / ci) if ci else 0.0
+        events["metrics"].update({"scan/path_cost_before": ci, "scan/path_cost_after": ca,
+                                  "scan/cost_reduction_pct": reduction,
+                                  **{f"scan/layer{i}_cost_after": c for i, c in enumerate(decision.cost_after)}})
+        events["lines"].append(f"scan order refreshed at step {step}: path cost {ci:.2f} -> {ca:.2f} "
+                               f"({reduction:.1f}% lower), {len(plan)} tensors permuted on every rank")
+
+    def _reallocate(self, trainer: "Trainer", step: int, events: dict[str, Any]) -> None:
+        from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, decide_allocation, format_allocation_table,
+                                                 module_importance)
+
+        model = trainer.full_model()                                       # collective: gathers every rank
+        importance = module_importance(model, self.peft_cfg)
+        names = sorted(importance)
+        values = all_reduce_sum([torch.tensor([float(importance[n]) for n in names], dtype=torch.float64)])[0]
+        importance = {n: float(v) / self.ctx.world_size for n, v in zip(names, values)}
+        decision = decide_allocation(importance, self.peft_cfg, step=step) if self.ctx.is_main else None
+        decision = broadcast_object(decision.to_dict() if decision is not None else None)
+        self._apply_allocation(model, decision)
+        self.allocation = decision
+        self.allocation_history.append({"step": step, **decision})
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        trainer.rebuild_engine(model)                 # under ZeRO-3 this partitions `model`'s parameters
+        table = format_allocation_table(AllocationDecision.from_dict(decision))
+        events["metrics"].update({"peft/trainable_params": trainable, "peft/trainable_pct": 100 * trainable / total})
+        events["tables"].append(("peft/allocation", ["module", "importance", "kind"],
+                                 [[n, importance.get(n, float("nan")), k]
+                                  for n, k in AllocationDecision.from_dict(decision).kinds.items()]))
+        events["lines"].append(f"PEFT allocation at step {step} ({trainable:,} trainable parameters, "
+                               f"{100 * trainable / total:.2f}%):\n{table}")
+
+    def _apply_allocation(self, model: "AdaptiveMambaForCausalLM", decision: dict[str, Any]) -> None:
+        from adaptive_mamba.pillars.hybrid_peft import AllocationDecision, apply_allocation
+
+        apply_allocation(model, AllocationDecision.from_dict(decision), self.peft_cfg)
+
+    # ---------------------------------------------------------------------------------- reporting
+    def inspect(self, trainer: "Trainer") -> dict[str, Any]:
+        """Per-layer sparsity and trainable share of the current model (for evals); collective."""
+        if self.mask_cfg is None:
+            return {"metrics": {}, "line": ""}
+        from adaptive_mamba.pillars.masks import sparsity_report
+
+        model = trainer.module.model if zero_stage(trainer.ds_config) < 3 else trainer.full_model()
+        report = sparsity_report(model)
+        metrics = {"masks/sparsity": report["sparsity"],
+                   "masks/executed_flops_ratio": report["executed_flops"] / report["dense_flops"],
+                   **{f"masks/{name}": r["sparsity"] for name, r in report["modules"].items()}}
+        return {"metrics": metrics, "line": f"mask sparsity {report['sparsity']:.3f}", "report": report}
+
+    def final_report(self, trainer: "Trainer") -> dict[str, Any]:
+        """Values and one sentence about the pillars for the run summary (collective)."""
+        model = trainer.full_model()
+        values: dict[str, Any] = {}
+        parts = []
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        values["trainable_pct"] = round(100 * trainable / total, 2)
+        if self.mask_cfg is not None:
+            from adaptive_mamba.pillars.masks import sparsity_report
+
+            rep = sparsity_report(model)
+            values["sparsity"] = round(rep["sparsity"], 4)
+            values["executed_flops_ratio"] = round(rep["executed_flops"] / rep["dense_flops"], 4)
+            parts.append(f"mask sparsity {100 * rep['sparsity']:.1f}% (target {100 * self.cfg.target_sparsity:.0f}%; "
+                         f"evaluation executes {100 * values['executed_flops_ratio']:.1f}% of the dense projection "
+                         "FLOPs)")
+        parts.append(f"trainable parameters {values['trainable_pct']:.2f}% ({trainable:,} of {total:,})")
+        if self.scan_decisions:
+            first, last = self.scan_decisions[0], self.scan_decisions[-1]
+            values["scan_refreshes"] = len(self.scan_decisions)
+            values["scan_cost_reduction_pct"] = round(
+                100 * (1 - sum(last["cost_after"]) / sum(last["cost_identity"])), 2)
+            parts.append(f"{len(self.scan_decisions)} scan-order refreshes (last one lowered the path cost by "
+                         f"{values['scan_cost_reduction_pct']:.1f}%; first by "
+                         f"{100 * (1 - sum(first['cost_after']) / sum(first['cost_identity'])):.1f}%)")
+        if self.allocation is not None:
+            from adaptive_mamba.pillars.hybrid_peft import AllocationDecision
+
+            kinds = AllocationDecision.from_dict(self.allocation).kinds
+            counts = {k: sum(1 for v in kinds.values() if v == k) for k in ("lora", "ia3", "frozen")}
+            values["allocation"] = counts
+            parts.append(f"allocation after {len(self.allocation_history)} decision(s): LoRA (r={self.cfg.peft_r}) on "
+                         f"{counts['lora']}, IA3 on {counts['ia3']}, frozen {counts['frozen']} of {len(kinds)} modules")
+        return {"values": values, "text": "Pillars: " + "; ".join(parts) + "."}
+
+    def export(self, model: "AdaptiveMambaForCausalLM", out: Path) -> list[Path]:
+        """Adapters in peft format (when allocated) and a merged plain model (adapters merged, hard masks baked
+        into the weights) that `AdaptiveMambaForCausalLM.from_pretrained` loads."""
+        from adaptive_mamba.pillars.persistence import save_adaptive_model
+
+        save_adaptive_model(model, out / "adaptive")      # base weights + masks + peft-format adapters
+        merged_plain_model(model).save_pretrained(out / "merged")
+        return [out / "adaptive", out / "merged"]
+
+    # ---------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Decisions (identical on every rank): saved in trainer.json."""
+        return {"scan_decisions": self.scan_decisions, "scan_order": self.scan_order, "allocation": self.allocation,
+                "allocation_history": self.allocation_history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scan_decisions = list(state.get("scan_decisions", []))
+        self.scan_order = state.get("scan_order")
+        self.allocation = state.get("allocation")
+        self.allocation_history = list(state.get("allocation_history", []))
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """Per-rank statistics not yet all-reduced (scan collector sums)."""
+        return {"scan_stats": None if self.collector is None else [t.cpu().clone()
+                                                                   for t in self.collector.state_tensors()]}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        if self.collector is not None and state.get("scan_stats") is not None:
+            for t, saved in zip(self.collector.state_tensors(), state["scan_stats"]):
+                t.copy_(saved)
+
+
+def merged_plain_model(model: "AdaptiveMambaForCausalLM") -> "AdaptiveMambaForCausalLM":
+    """A plain AdaptiveMambaForCausalLM computing what `model` computes in evaluation mode: each hard mask is
+    multiplied into its base weight first (dropped structured outputs keep their bias, as the compact forward
+    does), then the LoRA / IA3 adapters are merged (LoRA's update is not masked in the adapted model, so the order
+    matters). `model` is consumed."""
+    from peft.tuners.ia3 import IA3Layer
+    from peft.tuners.lora import LoraLayer
+
+    from adaptive_mamba.model import AdaptiveMambaForCausalLM
+    from adaptive_mamba.pillars.common import iter_projections, resolve_module
+    from adaptive_mamba.pillars.masks import MaskedLinear
+
+    with torch.no_grad():
+        for name, _, module, _ in iter_projections(model):
+            holder, attr = (module, "base_layer") if isinstance(module, (LoraLayer, IA3Layer)) else \
+                resolve_module(model, name)[:2]
+            layer = getattr(holder, attr)
+            if isinstance(layer, MaskedLinear):
+                layer.weight.mul_(layer.expand(layer.hard_mask().to(layer.weight.dtype)))
+                plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+                plain.weight, plain.bias = layer.weight, layer.bias
+                setattr(holder, attr, plain)
+            if isinstance(module, (LoraLayer, IA3Layer)):
+                module.merge(adapter_names=list(module.active_adapters))
+                parent, pattr, _ = resolve_module(model, name)
+                setattr(parent, pattr, module.get_base_layer())
+    config = type(model.config).from_dict(model.config.to_dict())
+    config.extra = {k: v for k, v in config.extra.items() if k not in ("masks", "hybrid_peft")}
+    config.extra["merged"] = {"masks_baked": True, "adapters_merged": True}
+    config.gradient_checkpointing = False
+    plain_model = AdaptiveMambaForCausalLM(config)
+    plain_model.load_state_dict(model.state_dict(), strict=True)
+    return plain_model

@@ -1,0 +1,223 @@
+"""TrainConfig: every setting of a training run, read from YAML/JSON plus `key=value` overrides.
+
+One flat dataclass (grouped by comments) so that a config file, a command-line override and a W&B
+run page all use the same names. Unknown keys are errors that name the closest known key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from adaptive_mamba.config import AdaptiveMambaConfig, check_known_keys
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Sizes of the seed's `TrainingConfig` keep their names (d_model, n_layers, ...)."""
+
+    # --- model (ignored except gradient_checkpointing when init_from is set: the checkpoint fixes it)
+    d_model: int = 64
+    n_layers: int = 2
+    vocab_size: Optional[int] = None        # None: the tokenizer's vocabulary size
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    init_from: Optional[str] = None         # pretrained model directory (ours / transformers / state-spaces): fine-tune
+    freeze_base: Optional[bool] = None      # None: freeze the base weights iff init_from is set (train masks/adapters)
+    gradient_checkpointing: Union[bool, str] = "auto"  # "auto": on when seq_len >= 2048
+
+    # --- data
+    data_dir: Optional[str] = None          # shards from data_prep; built here first when missing and data_source set
+    data_source: Optional[str] = None       # build shards from this source (stdlib | folder:PATH | hf:NAME)
+    tokenizer: str = "sentencepiece:8192"   # tokenizer spec for building shards
+    data_max_mb: Optional[float] = None     # cap on the source text when building shards
+    packing: str = "pack"                   # pack: concatenate documents; pad: one document per window
+    val_fraction: float = 0.05
+
+    # --- optimisation
+    seq_len: int = 1024
+    batch_size: int = 1                     # sequences per rank per micro-step
+    grad_accum_steps: int = 1
+    learning_rate: float = 1e-3
+    mask_learning_rate: Optional[float] = None   # peak lr of the mask logits (None: learning_rate); same schedule
+    min_lr_ratio: float = 0.1               # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"             # cosine | constant
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0                  # 0 disables clipping
+    num_epochs: int = 1
+    max_steps: int = 0                      # optimizer steps; > 0 overrides num_epochs
+    seed: int = 0
+    precision: str = "fp32"                 # fp32 | bf16
+    deepspeed_config: str = "ds_configs/zero2.json"
+
+    # --- pillar 1: scan order
+    scan_order: bool = True
+    scan_update_frequency: int = 50         # optimizer steps between scan-order refreshes (0: never)
+
+    # --- pillar 2: learned masks
+    masking: bool = True
+    mask_granularity: str = "structured"    # structured (channel blocks) | unstructured (per weight)
+    mask_block_size: int = 8
+    mask_targets: str = "in_proj,x_proj,out_proj"   # comma-separated projections masked (and adaptable by pillar 3)
+    masking_tau: float = 1.0                # initial temperature
+    masking_tau_final: float = 0.1          # temperature at the last step (annealed)
+    target_sparsity: float = 0.5
+    sparsity_weight: float = 0.1
+
+    # --- pillar 3: hybrid PEFT
+    peft: bool = True
+    importance_threshold: float = 0.5
+    peft_application_ratio: float = 0.3
+    peft_r: int = 8
+    peft_alpha: float = 16.0
+    peft_reallocation_frequency: int = 100  # optimizer steps between reallocations (0: only once at peft_start_step)
+    peft_start_step: int = 0                # first allocation at this step (0: the first reallocation step)
+
+    # --- evaluation
+    eval_every: int = 0                     # optimizer steps between evals (0: only at start and end)
+    eval_batches: int = 4                   # validation batches per rank per eval
+
+    # --- checkpoints
+    output_dir: str = "runs/train"
+    save_every: int = 0                     # optimizer steps between checkpoints (0: only at the end)
+    keep_last: int = 2
+    resume: str = "none"                    # none | auto | PATH of a checkpoint directory
+    export_at_end: bool = True              # adapters (peft format) and a merged model under output_dir/export
+    verify_ranks: bool = True               # after each pillar decision and at the end: all ranks hold identical
+                                            # parameters, scan orders and allocations (digests, consistency.jsonl)
+    nan_policy: str = "error"               # error: stop at a non-finite loss (the last checkpoint stays good)
+
+    # --- monitoring
+    wandb: bool = True
+    wandb_project: str = "adaptive-mamba"
+    wandb_run_name: Optional[str] = None
+    wandb_mode: str = "auto"                # auto (offline unless WANDB_MODE/an API key says otherwise) | online | offline | disabled
+    log_every: int = 1
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {
+            "seq_len": self.seq_len >= 2, "batch_size": self.batch_size >= 1,
+            "grad_accum_steps": self.grad_accum_steps >= 1, "learning_rate": self.learning_rate > 0,
+            "num_epochs": self.num_epochs >= 1, "max_steps": self.max_steps >= 0,
+            "warmup_steps": self.warmup_steps >= 0, "grad_clip": self.grad_clip >= 0,
+            "scan_update_frequency": self.scan_update_frequency >= 0,
+            "peft_reallocation_frequency": self.peft_reallocation_frequency >= 0,
+            "save_every": self.save_every >= 0, "keep_last": self.keep_last >= 1,
+            "target_sparsity": 0.0 <= self.target_sparsity < 1.0,
+            "importance_threshold": 0.0 <= self.importance_threshold <= 1.0,
+            "peft_application_ratio": 0.0 <= self.peft_application_ratio <= 1.0,
+            "masking_tau": self.masking_tau > 0 and self.masking_tau_final > 0,
+            "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0, "log_every": self.log_every >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("invalid TrainConfig value(s): " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+        choices = {"precision": ("fp32", "bf16"), "lr_schedule": ("cosine", "constant"),
+                   "packing": ("pack", "pad"), "mask_granularity": ("structured", "unstructured"),
+                   "nan_policy": ("error",), "wandb_mode": ("auto", "online", "offline", "disabled"),
+                   "gradient_checkpointing": (True, False, "auto")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if self.peft and not self.masking:
+            raise ValueError("peft=true needs masking=true: pillar 3 ranks modules by their mask logits")
+        if self.data_dir is None and self.data_source is None:
+            raise ValueError("set data_dir (shards built by `python -m data_prep`) or data_source "
+                             "(e.g. data_source=stdlib) so the run has data")
+
+    # ------------------------------------------------------------------------------------- derived
+    @property
+    def mask_target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.mask_targets.split(",") if t.strip())
+
+    @property
+    def use_gradient_checkpointing(self) -> bool:
+        if self.gradient_checkpointing == "auto":
+            return self.seq_len >= 2048
+        return bool(self.gradient_checkpointing)
+
+    @property
+    def freeze_base_weights(self) -> bool:
+        return self.init_from is not None if self.freeze_base is None else bool(self.freeze_base)
+
+    def model_config(self, vocab_size: int) -> AdaptiveMambaConfig:
+        """The architecture of a model trained from scratch (`vocab_size` from the tokenizer unless set)."""
+        return AdaptiveMambaConfig(d_model=self.d_model, n_layer=self.n_layers,
+                                   vocab_size=self.vocab_size or vocab_size, d_state=self.d_state,
+                                   d_conv=self.d_conv, expand=self.expand,
+                                   gradient_checkpointing=self.use_gradient_checkpointing)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _field_types() -> dict[str, Any]:
+    return get_type_hints(TrainConfig)
+
+
+def parse_value(key: str, text: str) -> Any:
+    """Convert an override's text to the field's type ('none'/'null' -> None, yes/no/true/false -> bool)."""
+    hint = _field_types()[key]
+    options = get_args(hint) if get_origin(hint) is Union else (hint,)
+    low = text.strip().lower()
+    if type(None) in options and low in ("none", "null", ""):
+        return None
+    if bool in options and low in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return low in ("true", "yes", "on", "1")
+    for typ in (int, float):
+        if typ in options:
+            try:
+                return typ(text)
+            except ValueError:
+                continue
+    if str in options:
+        return text
+    raise ValueError(f"cannot parse {key}={text!r}: expected {hint}")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['lr=1e-3', ...] -> {'lr': 0.001}; unknown keys raise with a suggestion."""
+    out: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} is not of the form key=value")
+        key, text = pair.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        check_known_keys("TrainConfig", {key: None}, known)
+        out[key] = parse_value(key, text)
+    return out
+
+
+def load_train_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Read a YAML or JSON file (optional), apply `key=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ValueError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                             f"{err}") from err
+        data = data or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    check_known_keys("TrainConfig", data, {f.name for f in dataclasses.fields(TrainConfig)})
+    data.update(parse_overrides(overrides or []))
+    return TrainConfig(**data)

@@ -1,0 +1,163 @@
+"""DeepSpeed glue: resolve a ds_config against the TrainConfig, build the engine with a torch optimizer,
+and read or rewrite full parameters (and Adam moments) whatever the ZeRO stage.
+
+The JSON files in ds_configs/ leave batch sizes, clipping and bf16 as "auto": they come from the
+TrainConfig, so one run has one source of truth. An explicit value that disagrees is an error.
+The optimizer is always torch's AdamW, passed in: a config-built optimizer would become
+FusedAdam/CPUAdam and trigger a ~1 minute JIT build on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from adaptive_mamba.training.config import TrainConfig
+
+
+def load_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of `cfg.deepspeed_config` with the "auto" fields filled from `cfg`."""
+    path = Path(cfg.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (deepspeed_config=...; see ds_configs/)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+    ds = {k: copy.deepcopy(v) for k, v in raw.items() if not k.startswith("_")}
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ValueError(f"{path} defines an optimizer/scheduler: remove it. Training passes torch AdamW and sets "
+                         "the learning rate itself (learning_rate, warmup_steps, lr_schedule in the TrainConfig)")
+    wanted = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.grad_clip,
+    }
+    for key, value in wanted.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ValueError(f"{path}: {key}={given} disagrees with the TrainConfig ({value}); set it to \"auto\" "
+                             "and choose batch_size / grad_accum_steps / grad_clip in the training config")
+        ds[key] = value
+    bf16 = ds.setdefault("bf16", {}).get("enabled", "auto")
+    want_bf16 = cfg.precision == "bf16"
+    if bf16 != "auto" and bool(bf16) != want_bf16:
+        raise ValueError(f"{path} sets bf16.enabled={bf16} but precision={cfg.precision}: pick a matching "
+                         "ds_config (e.g. ds_configs/zero2_bf16.json) or precision")
+    ds["bf16"]["enabled"] = want_bf16
+    if ds.get("fp16", {}).get("enabled"):
+        raise ValueError(f"{path} enables fp16: Mamba's scan is not stable in fp16; use precision=bf16")
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10 ** 9)
+    return ds
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """torch AdamW over the trainable parameters; weight decay only on 2-D+ weights (not masks, norms, biases);
+    mask logits in their own group whose lr is `lr_scale` = mask_learning_rate / learning_rate times the schedule."""
+    decay, no_decay, masks = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.dim() >= 2 if not hasattr(p, "ds_shape") else len(p.ds_shape) >= 2
+        if name.endswith("mask_logits"):
+            masks.append(p)
+        else:
+            (decay if is_matrix and cfg.weight_decay > 0 else no_decay).append(p)
+    if not (decay or no_decay or masks):
+        raise ValueError("the model has no trainable parameters (freeze_base with masking and peft both off?)")
+    mask_scale = (cfg.mask_learning_rate or cfg.learning_rate) / cfg.learning_rate
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+                          {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+                          {"params": masks, "weight_decay": 0.0, "lr_scale": mask_scale}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_eps)
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, ds_config: dict[str, Any]):
+    """deepspeed.initialize with torch AdamW; returns the engine (its .module is `model`)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg),
+                                           config=copy.deepcopy(ds_config))
+    return engine
+
+
+def _gathered(params: list[nn.Parameter], modifier_rank=None):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the engine's module as full tensors on CPU, trainable ones in their fp32
+    master precision. A collective under ZeRO: every rank must call it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    params = dict(module.named_parameters())
+    with _gathered(list(params.values())):
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    for name, p in params.items():
+        if p.requires_grad:
+            master = safe_get_full_fp32_param(p)
+            if master is not None:
+                state[name] = master.detach().cpu().reshape(state[name].shape).clone()
+    return state
+
+
+def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 values of the trainable parameters only (collective under ZeRO)."""
+    names = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in full_state_dict(engine).items() if k in names}
+
+
+def permute_engine_params(engine, plan: Iterable[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]) -> int:
+    """Rewrite each named parameter as `fn(parameter)` (a channel permutation), together with its fp32 master copy
+    and its Adam moments (exp_avg, exp_avg_sq), consistently at every ZeRO stage. A collective: all ranks call it
+    with the same plan. Returns the number of parameters rewritten."""
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                                 safe_set_full_fp32_param, safe_set_full_optimizer_state)
+
+    params = dict(engine.module.named_parameters())
+    base_opt = getattr(engine.optimizer, "optimizer", engine.optimizer)   # the torch optimizer under any wrapper
+    if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+        # ZeRO-1/2 and bf16 link each parameter to its Adam-moment fragments once, at the first step, and never
+        # again: a group whose state appeared later would be invisible to safe_get_full_optimizer_state. Relink.
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    for name, fn in plan:
+        if name not in params:
+            raise KeyError(f"reparametrisation plan names {name!r}, which the model does not have")
+        p = params[name]
+        with _gathered([p], modifier_rank=0):        # the full working copy (a no-op unless ZeRO-3)
+            with torch.no_grad():
+                p.data.copy_(fn(p.data))
+        if not p.requires_grad:
+            continue
+        master = safe_get_full_fp32_param(p)
+        if master is None:                             # no ZeRO, fp32: the torch optimizer holds the moments
+            state = base_opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key].copy_(fn(state[key]))
+            continue
+        shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
+        safe_set_full_fp32_param(p, fn(master.reshape(shape)))
+        for key in ("exp_avg", "exp_avg_sq"):
+            try:
+                moment = safe_get_full_optimizer_state(p, key)
+            except (KeyError, AttributeError, TypeError):
+                moment = None                          # before the first optimizer step there are no moments
+            if moment is not None:
+                safe_set_full_optimizer_state(p, fn(moment.reshape(shape)), key)
+    return len(plan) if isinstance(plan, list) else -1

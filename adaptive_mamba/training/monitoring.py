@@ -1,0 +1,107 @@
+"""Rank-0 monitoring: a W&B run (offline by default), a tqdm bar and concise log lines.
+
+Every other rank gets a `Monitor` whose methods do nothing, so training code calls it unconditionally.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger("adaptive_mamba.train")
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, else the peak resident set size (Linux: KiB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Monitor:
+    """W&B + progress bar + log lines on the main rank; silent elsewhere."""
+
+    def __init__(self, enabled: bool, output_dir: str | Path, total_steps: int, initial_step: int,
+                 wandb_mode: str, project: str, run_name: Optional[str], config: dict[str, Any],
+                 progress_bar: bool = True) -> None:
+        self.enabled = enabled
+        self.run = None
+        self.bar = None
+        self.wandb_dir: Optional[Path] = None
+        if not enabled:
+            return
+        if not log.handlers:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+            log.propagate = False
+        if wandb_mode != "disabled":
+            import wandb
+
+            self.wandb_dir = Path(output_dir).resolve()
+            self.wandb_dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(project=project, name=run_name, config=config, dir=str(self.wandb_dir),
+                                  mode=wandb_mode, resume="allow", id=_run_id(self.wandb_dir))
+        if progress_bar:
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def info(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stdout)
+            sys.stdout.flush()
+        else:
+            log.info(message)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.enabled and self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        if self.enabled and self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def advance(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}" if math.isfinite(loss) else str(loss),
+                                 tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.enabled and self.run is not None:
+            for k, v in values.items():
+                self.run.summary[k] = v
+
+    @property
+    def run_dir(self) -> Optional[str]:
+        return None if self.run is None else str(Path(self.run.dir).parent)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _run_id(wandb_dir: Path) -> str:
+    """A run id stored in the output dir, so a resumed job continues the same W&B run."""
+    path = wandb_dir / "wandb_run_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id

@@ -1,0 +1,463 @@
+"""The training loop: DeepSpeed engine, long-sequence batches, the three pillars, checkpoints, monitoring.
+
+One optimizer step = `grad_accum_steps` micro-batches on every rank. Micro-batch m of the run reads
+data step m of epoch m // steps_per_epoch (a pure function of the seed), so the data position is the
+global step and a resumed run sees exactly the batches an uninterrupted run would.
+
+Pillar refreshes (every `scan_update_frequency` / `peft_reallocation_frequency` optimizer steps)
+are collectives: statistics are all-reduced, rank 0 decides, the decision is broadcast and applied
+on every rank (see `adaptation.py`).
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from adaptive_mamba.data import TokenShards
+from adaptive_mamba.model import AdaptiveMambaForCausalLM
+from adaptive_mamba.training import checkpointing as ckpt
+from adaptive_mamba.training.adaptation import PillarController
+from adaptive_mamba.training.config import TrainConfig
+from adaptive_mamba.training.data_setup import make_sampler, prepare_shards
+from adaptive_mamba.training.distributed import DistContext, all_gather_object, all_reduce_sum, barrier
+from adaptive_mamba.training.engine import build_engine, full_state_dict, load_ds_config, zero_stage
+from adaptive_mamba.training.monitoring import Monitor, peak_memory_mb
+
+EXIT_PREEMPTED = 99
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class TrainingObjective(nn.Module):
+    """model + the pillars' regulariser in one forward, so ZeRO-3 gathers every parameter it touches."""
+
+    def __init__(self, model: AdaptiveMambaForCausalLM, regularizer: Callable[[nn.Module], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self._regularizer = regularizer
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for name, p in model.named_parameters():   # read by the regulariser outside their module's forward
+            if "mask_logits" in name:
+                register_external_parameter(self, p)
+
+    def forward(self, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(cross-entropy, regulariser) of one batch; the logits are never materialised."""
+        ce = self.model(input_ids, labels=labels, return_logits=False).loss
+        return ce, self._regularizer(self.model)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    ce: float
+    reg: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    """What a run did; `status` is "completed" or "preempted" (checkpoint saved, exit 99)."""
+
+    status: str
+    step: int
+    checkpoint: Optional[str]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.learning_rate * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.learning_rate - floor) * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Set up with a TrainConfig and this process's DistContext; `run()` trains and returns a RunResult.
+
+    `stop_requested` is polled after every optimizer step (the launcher sets it from SIGTERM/SIGUSR1);
+    all ranks agree on it, finish the step, save a checkpoint and return status "preempted"."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, wandb_mode: str = "offline",
+                 stop_requested: Callable[[], bool] = lambda: False) -> None:
+        self.cfg, self.ctx, self.wandb_mode = cfg, ctx, wandb_mode
+        self.stop_requested = stop_requested
+        self.output_dir = Path(cfg.output_dir)
+        self.device = ctx.device()
+        self.engine = None
+        self.monitor: Optional[Monitor] = None
+        self.history: list[StepRecord] = []
+        self.evals: list[tuple[int, float]] = []
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.resume_from = ckpt.resolve_resume(cfg.resume, self.output_dir)
+        resume_state = ckpt.verify_checkpoint(self.resume_from) if self.resume_from is not None else None
+        self.ds_config = load_ds_config(cfg, ctx.world_size)
+        data_dir = prepare_shards(cfg, ctx)
+        self.train_shards = TokenShards(data_dir, "train")
+        self.val_shards = TokenShards(data_dir, "val")
+        self.sampler = make_sampler(self.train_shards, cfg, ctx, train=True)
+        self.val_sampler = make_sampler(self.val_shards, cfg, ctx, train=False) if len(self.val_shards) else None
+        self.micro_per_epoch = self.sampler.steps_per_epoch(0)
+        steps_per_epoch = self.micro_per_epoch // cfg.grad_accum_steps
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * steps_per_epoch
+        self.tokens_per_step = ctx.world_size * cfg.batch_size * cfg.grad_accum_steps * cfg.seq_len
+
+        self.pillars = PillarController(cfg, ctx, self.total_steps)
+        if resume_state is not None:
+            if resume_state["data"]["world_size"] != ctx.world_size:
+                raise ValueError(f"cannot resume {self.resume_from}: it was written by {resume_state['data']['world_size']} "
+                                 f"ranks, this run has {ctx.world_size}; the data order depends on the world size")
+            self.sampler.load_state_dict(resume_state["data"])
+            self.pillars.load_state_dict(resume_state["pillars"])
+        self.model_config = self._model_config()
+        self._build_engine(self._fresh_model())
+        self.step = 0
+        if resume_state is not None:
+            self._load(self.resume_from, resume_state)
+        else:
+            torch.manual_seed(cfg.seed + 1000 * ctx.rank)   # mask noise differs per rank, like data
+        self.monitor = Monitor(ctx.is_main, self.output_dir, self.total_steps, self.step, self.wandb_mode,
+                               cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict(), cfg.progress_bar)
+        self._metrics_file = self.output_dir / "metrics.jsonl"
+        mode = "fine-tune from " + cfg.init_from if cfg.init_from else "from scratch"
+        model = self.module.model
+        self.monitor.info(
+            f"model {mode}: d_model={self.model_config.d_model} n_layer={self.model_config.n_layer} "
+            f"vocab={self.model_config.vocab_size}, {self._param_count(model, False):,} parameters; "
+            f"{ctx.world_size} rank(s) on {self.device.type}, ZeRO-{zero_stage(self.ds_config)}, {cfg.precision}, "
+            f"seq_len {cfg.seq_len}, activation checkpointing {'on' if self.model_config.gradient_checkpointing else 'off'}, "
+            f"{self.total_steps} steps of {self.tokens_per_step:,} tokens"
+            + (f"; resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""))
+
+    def _model_config(self):
+        cfg = self.cfg
+        if cfg.init_from is not None:
+            config = AdaptiveMambaForCausalLM.from_pretrained(cfg.init_from).config   # validates the directory
+        else:
+            config = cfg.model_config(self.train_shards.vocab_size)
+        config.gradient_checkpointing = cfg.use_gradient_checkpointing
+        if config.vocab_size < self.train_shards.vocab_size:
+            raise ValueError(f"the model's vocab_size {config.vocab_size} is smaller than the data's tokenizer "
+                             f"({self.train_shards.vocab_size} ids in {self.train_shards.path}): tokenise the data with "
+                             "the model's own tokenizer")
+        return config
+
+    def _fresh_model(self) -> AdaptiveMambaForCausalLM:
+        """The model with the current pillar structure (masks, adapters); weights: init or pretrained."""
+        torch.manual_seed(self.cfg.seed)
+        if self.cfg.init_from is not None:
+            model = AdaptiveMambaForCausalLM.from_pretrained(self.cfg.init_from)
+            model.config.gradient_checkpointing = self.cfg.use_gradient_checkpointing
+        else:
+            model = AdaptiveMambaForCausalLM(self.model_config)
+        if self.cfg.freeze_base_weights:
+            model.requires_grad_(False)
+        return self.pillars.build_structure(model)
+
+    def _build_engine(self, model: AdaptiveMambaForCausalLM, state: Optional[dict[str, Tensor]] = None) -> None:
+        """(Re)create the DeepSpeed engine around `model` (optionally loading a full state dict first)."""
+        if state is not None:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
+                raise RuntimeError(f"engine rebuild: state does not match the model (missing {missing}, "
+                                   f"unexpected {unexpected})")
+        model.to(self.device)
+        objective = TrainingObjective(model, self.pillars.regularizer)
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+            gc.collect()
+        self.engine = build_engine(objective, self.cfg, self.ds_config)
+        self.pillars.attach(self.module.model)
+
+    def rebuild_engine(self, model: AdaptiveMambaForCausalLM) -> None:
+        """A new engine and optimizer around `model` (after the pillars changed which parameters train)."""
+        self._build_engine(model)
+
+    @property
+    def module(self) -> TrainingObjective:
+        return self.engine.module
+
+    @staticmethod
+    def _param_count(model: nn.Module, trainable_only: bool) -> int:
+        return sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for p in model.parameters()
+                   if p.requires_grad or not trainable_only)
+
+    # -------------------------------------------------------------------------------------- the loop
+    def _batch(self, micro_index: int) -> dict[str, Tensor]:
+        epoch, step = divmod(micro_index, self.micro_per_epoch)
+        batch = self.sampler.batch_at(step, epoch)
+        self.sampler.epoch, self.sampler.step = epoch, step + 1
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def train_step(self) -> StepRecord:
+        """One optimizer step over grad_accum_steps micro-batches on every rank."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.engine.train()
+        lr = lr_at(self.step, cfg, self.total_steps)
+        self._set_lr(lr)
+        self.pillars.on_step_begin(self.module.model, self.step)
+        sums = torch.zeros(4, dtype=torch.float64)        # ce, reg, tokens, non-finite count
+        for j in range(cfg.grad_accum_steps):
+            batch = self._batch(self.step * cfg.grad_accum_steps + j)
+            ce, reg = self.engine(batch["input_ids"], batch["labels"])
+            loss = ce + reg
+            finite = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], dtype=torch.float64)
+            if all_reduce_sum([finite])[0].item() > 0:
+                self._fail_non_finite(float(loss.detach()))
+            self.engine.backward(loss)
+            self.engine.step()
+            sums += torch.tensor([float(ce.detach()), float(reg.detach()),
+                                  float((batch["labels"][:, 1:] != -100).sum()), 0.0], dtype=torch.float64)
+        self.step += 1
+        self.pillars.on_step_end(self.module.model)
+        sums = all_reduce_sum([sums])[0]
+        n = cfg.grad_accum_steps * self.ctx.world_size
+        norm = self.engine.get_global_grad_norm()
+        ce_mean, reg_mean = sums[0].item() / n, sums[1].item() / n
+        return StepRecord(self.step, ce_mean + reg_mean, ce_mean, reg_mean, lr,
+                          float(norm) if norm is not None else float("nan"), int(sums[2].item()),
+                          time.perf_counter() - t0)
+
+    def _fail_non_finite(self, loss: float) -> None:
+        good = ckpt.latest_checkpoint(self.output_dir)
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss}) at optimizer step {self.step + 1}: training stopped before applying this step, "
+            f"and no checkpoint was written from it. Last checkpoint: {good or 'none (save_every=0)'} (if the "
+            "weights there already diverged, resume=PATH from an earlier one in the same folder). Lower "
+            "learning_rate (or raise warmup_steps / lower grad_clip) and restart")
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean validation cross-entropy over eval_batches batches per rank (token-weighted across ranks)."""
+        if self.val_sampler is None:
+            return None
+        self.engine.eval()
+        sums = torch.zeros(2, dtype=torch.float64)
+        n_steps = min(self.cfg.eval_batches, self.val_sampler.steps_per_epoch(0))
+        for s in range(n_steps):
+            batch = {k: v.to(self.device) for k, v in self.val_sampler.batch_at(s, 0).items()}
+            count = int((batch["labels"][:, 1:] != -100).sum())
+            if count == 0:
+                continue
+            ce, _ = self.engine(batch["input_ids"], batch["labels"])
+            sums += torch.tensor([float(ce) * count, count], dtype=torch.float64)
+        sums = all_reduce_sum([sums])[0]
+        self.engine.train()
+        return None if sums[1] == 0 else float(sums[0] / sums[1])
+
+    def run(self) -> RunResult:
+        """Train to total_steps (or until a stop request), with refreshes, evals and checkpoints."""
+        cfg, mon = self.cfg, self.monitor
+        if self.step == 0:
+            self._eval_and_log()
+        elif self.step >= self.total_steps:
+            mon.info(f"the run in {self.output_dir} already reached step {self.step} of {self.total_steps}: nothing to "
+                     "train (raise max_steps to continue, or use a new output_dir / resume=none to start over)")
+        status, last_ckpt = "completed", None
+        window_t, window_tokens = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            rec = self.train_step()
+            self.history.append(rec)
+            window_tokens += rec.tokens
+            self._after_step(rec)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                self._eval_and_log()
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                last_ckpt = self.save()
+            stop = torch.tensor([1.0 if self.stop_requested() else 0.0], dtype=torch.float64)
+            if all_reduce_sum([stop])[0].item() > 0:
+                status = "preempted"
+                break
+        if status == "completed":
+            self._eval_and_log()
+            if self.cfg.verify_ranks:
+                self.verify_ranks("end")
+        elapsed = time.perf_counter() - window_t
+        last_ckpt = self.save()
+        if status == "preempted":
+            mon.info(f"preempted at step {self.step}: checkpoint saved to {last_ckpt}; rerun with resume=auto "
+                     f"(exit status {EXIT_PREEMPTED})")
+            return RunResult(status, self.step, str(last_ckpt))
+        summary = self._summary(elapsed, window_tokens, last_ckpt)
+        if cfg.export_at_end:
+            summary["export_dir"] = str(self.export())
+        mon.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        if self.ctx.is_main:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        mon.info(summary["text"])
+        return RunResult(status, self.step, str(last_ckpt), summary)
+
+    def _after_step(self, rec: StepRecord) -> None:
+        """Pillar refreshes, metrics, progress bar, log line."""
+        events = self.pillars.maybe_refresh(self, rec.step)
+        if self.cfg.verify_ranks and events.get("decisions"):
+            self.verify_ranks("+".join(events["decisions"]))
+        tok_s = rec.tokens / max(rec.seconds, 1e-9)
+        metrics = {"train/loss": rec.loss, "train/ce": rec.ce, "train/regularizer": rec.reg, "train/lr": rec.lr,
+                   "train/grad_norm": rec.grad_norm, "perf/tokens_per_s": tok_s,
+                   "perf/peak_memory_mb": peak_memory_mb(), "perf/step_seconds": rec.seconds}
+        metrics.update(events.get("metrics", {}))
+        self.monitor.log(metrics, step=rec.step)
+        for table in events.get("tables", []):
+            self.monitor.log_table(*table, step=rec.step)
+        for line in events.get("lines", []):
+            self.monitor.info(line)
+        if self.ctx.is_main:
+            with self._metrics_file.open("a") as f:
+                f.write(json.dumps({"step": rec.step, "loss": rec.loss, "ce": rec.ce, "reg": rec.reg, "lr": rec.lr,
+                                    "grad_norm": rec.grad_norm, "tokens_per_s": tok_s}) + "\n")
+        self.monitor.advance(rec.step, rec.loss, tok_s)
+        if rec.step % self.cfg.log_every == 0 or rec.step == self.total_steps:
+            self.monitor.info(f"step {rec.step}/{self.total_steps} loss {rec.loss:.4f} (ce {rec.ce:.4f} + reg "
+                              f"{rec.reg:.4f}) lr {rec.lr:.2e} grad_norm {rec.grad_norm:.3f} {tok_s:,.0f} tok/s "
+                              f"peak {peak_memory_mb():,.0f} MiB")
+
+    def verify_ranks(self, tag: str) -> str:
+        """Digest of every parameter (gathered, fp32 masters), the scan order and the allocation on each rank;
+        rank 0 checks they agree and appends them to consistency.jsonl. Raises if the ranks diverged."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(full_state_dict(self.engine).items()):
+            if name in dict(self.module.named_parameters()):
+                h.update(name.encode())
+                h.update(tensor.detach().float().contiguous().numpy().tobytes())
+        extra = self.module.model.config.extra
+        h.update(json.dumps({"scan_order": extra.get("scan_order"), "allocation": self.pillars.allocation},
+                            sort_keys=True).encode())
+        digests = all_gather_object(h.hexdigest())
+        if self.ctx.is_main:
+            with (self.output_dir / "consistency.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.step, "tag": tag, "digests": digests}) + "\n")
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ranks diverged after {tag} at step {self.step}: parameter/pillar digests {digests}")
+        return digests[0]
+
+    def _eval_and_log(self) -> None:
+        loss = self.evaluate()
+        if loss is None:
+            return
+        self.evals.append((self.step, loss))
+        report = self.pillars.inspect(self)
+        self.monitor.log({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50)), **report["metrics"]},
+                         step=self.step)
+        self.monitor.info(f"eval at step {self.step}: loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})"
+                          + (f"; {report['line']}" if report.get("line") else ""))
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        """A complete checkpoint of this step (collective)."""
+        trainer_state = {"step": self.step, "total_steps": self.total_steps, "data": self.sampler.state_dict(),
+                         "pillars": self.pillars.state_dict(), "config": self.cfg.to_dict(),
+                         "evals": self.evals, "world_size": self.ctx.world_size}
+        rank_state = {"rng": ckpt.rng_state(), "pillars": self.pillars.rank_state_dict()}
+        path = ckpt.save_checkpoint(self.engine, self.output_dir, self.step, trainer_state, rank_state,
+                                    self.ctx.rank, self.cfg.keep_last)
+        if self.monitor is not None:
+            self.monitor.info(f"checkpoint saved: {path}")
+        return path
+
+    def _load(self, directory: Path, state: dict[str, Any]) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(directory / ckpt.ENGINE_DIR), tag=ckpt.ENGINE_TAG,
+                                                   load_module_strict=True, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise ckpt.CheckpointCorruptError(f"DeepSpeed could not load the engine state in {directory}")
+        rank_path = ckpt.rank_file(directory, self.ctx.rank)
+        if not rank_path.is_file():
+            raise ckpt.CheckpointCorruptError(f"{rank_path} is missing: the checkpoint was written by fewer ranks")
+        rank_state = torch.load(rank_path, map_location="cpu", weights_only=False)
+        self.step = int(state["step"])
+        self.evals = [tuple(e) for e in state.get("evals", [])]
+        ckpt.set_rng_state(rank_state["rng"])
+        self.pillars.load_rank_state_dict(rank_state["pillars"])
+
+    # -------------------------------------------------------------------------------------- exports
+    def full_model(self) -> AdaptiveMambaForCausalLM:
+        """A plain CPU copy of the current model (pillar structure included), gathered from every rank."""
+        state = full_state_dict(self.engine)
+        model = self.pillars.build_structure(self._plain_base())
+        model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
+                              strict=True)
+        return model
+
+    def _plain_base(self) -> AdaptiveMambaForCausalLM:
+        config = AdaptiveMambaForCausalLM.from_pretrained(self.cfg.init_from).config if self.cfg.init_from \
+            else self.model_config
+        model = AdaptiveMambaForCausalLM(config)
+        if self.cfg.freeze_base_weights:
+            model.requires_grad_(False)
+        return model
+
+    def export(self) -> Path:
+        """`export/adapters` (peft format, when adapters exist) and `export/merged` (plain model + tokenizer)."""
+        out = self.output_dir / "export"
+        model = self.full_model()
+        if self.ctx.is_main:
+            paths = self.pillars.export(model, out)
+            self.train_shards.tokenizer().save(out / "merged")
+            self.monitor.info("exported: " + ", ".join(str(p) for p in paths))
+        barrier()
+        return out
+
+    # ---------------------------------------------------------------------------------------- summary
+    def _summary(self, elapsed: float, tokens: int, checkpoint: Path) -> dict[str, Any]:
+        first, last = (self.history[0], self.history[-1]) if self.history else (None, None)
+        tok_s = tokens / max(elapsed, 1e-9)
+        report = self.pillars.final_report(self)
+        summary: dict[str, Any] = {
+            "steps": self.step, "tokens": tokens, "seconds": round(elapsed, 1), "tokens_per_s": round(tok_s, 1),
+            "train_loss_first": first.loss if first else None, "train_loss_last": last.loss if last else None,
+            "eval_loss_first": self.evals[0][1] if self.evals else None,
+            "eval_loss_last": self.evals[-1][1] if self.evals else None,
+            "peak_memory_mb": round(peak_memory_mb(), 1), "checkpoint": str(checkpoint),
+            "wandb_dir": self.monitor.run_dir if self.monitor else None, **report["values"]}
+        loss_part = (f"train loss {first.loss:.3f} -> {last.loss:.3f}" if first else "no steps run")
+        if len(self.evals) >= 2:
+            loss_part += f", validation loss {self.evals[0][1]:.3f} -> {self.evals[-1][1]:.3f}"
+        summary["text"] = (
+            f"Summary: {self.step} optimizer steps on {self.ctx.world_size} rank(s) ({self.device.type}) processed "
+            f"{tokens:,} tokens in {elapsed:.1f} s ({tok_s:,.0f} tokens/s, peak memory {peak_memory_mb():,.0f} MiB "
+            f"per rank); {loss_part}. {report['text']} Checkpoint: {checkpoint}."
+            + (f" W&B run (offline; upload with `wandb sync {summary['wandb_dir']}`): {summary['wandb_dir']}."
+               if summary["wandb_dir"] and self.wandb_mode == "offline" else
+               (f" W&B run: {summary['wandb_dir']}." if summary["wandb_dir"] else "")))
+        return summary
+
+    def close(self) -> None:
+        """Drop the engine and the W&B run (call before distributed.shutdown())."""
+        if self.monitor is not None:
+            self.monitor.close()
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+        gc.collect()

@@ -1,0 +1,130 @@
+"""Training entry point.
+
+    deepspeed --num_gpus 2 launch/train.py --config configs/demo.yaml [key=value ...]
+    torchrun --nproc_per_node 2 launch/train.py --config configs/demo.yaml
+    python launch/train.py --config configs/demo.yaml            # one process
+    srun python launch/train.py ...                               # Slurm (see slurm/train.sh)
+
+Reads the topology from RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (set by the
+launchers; SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are used when only Slurm set them); with no
+WORLD_SIZE it runs one process. SIGTERM / SIGUSR1: finish the current optimizer step, save a
+complete checkpoint on all ranks and exit 99 (requeue); normal completion exits 0; errors exit 1
+(bad input: 2).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:          # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+EXIT_PREEMPTED = 99
+EXIT_BAD_INPUT = 2
+
+
+def dist_context_from_env():
+    """The topology from the launcher's variables (Slurm's when only srun set them; one process when none).
+    The resolved values are written back to the environment, where DeepSpeed also looks for them."""
+    from adaptive_mamba.training.distributed import DistContext, free_port
+
+    env = os.environ
+    if "WORLD_SIZE" not in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
+        ctx = DistContext(rank=int(env.get("SLURM_PROCID", 0)), world_size=int(env["SLURM_NTASKS"]),
+                          local_rank=int(env.get("SLURM_LOCALID", 0)), master_addr=env["MASTER_ADDR"],
+                          master_port=int(env.get("MASTER_PORT", 29500)))
+    elif "WORLD_SIZE" not in env:
+        ctx = DistContext(master_port=free_port())
+    else:
+        ctx = DistContext(rank=int(env.get("RANK", 0)), world_size=int(env["WORLD_SIZE"]),
+                          local_rank=int(env.get("LOCAL_RANK", 0)), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                          master_port=int(env.get("MASTER_PORT", 0)))
+    env.update({"RANK": str(ctx.rank), "WORLD_SIZE": str(ctx.world_size), "LOCAL_RANK": str(ctx.local_rank),
+                "MASTER_ADDR": ctx.master_addr, "MASTER_PORT": str(ctx.master_port)})
+    return ctx
+
+
+def wandb_mode_from_env(requested: str, enabled: bool) -> str:
+    """disabled when turned off; otherwise the config's mode, or with "auto": WANDB_MODE if set, online when an
+    API key is configured, offline otherwise."""
+    if not enabled:
+        return "disabled"
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file() and \
+        "api.wandb.ai" in (Path.home() / ".netrc").read_text(errors="ignore")
+    return "online" if has_key else "offline"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=None, help="YAML or JSON training config (see docs/training.md)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)          # passed by the deepspeed launcher; LOCAL_RANK is used
+    p.add_argument("overrides", nargs="*", help="key=value overrides of config fields, e.g. max_steps=100")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    args = parse_args(argv)
+    from adaptive_mamba.training import distributed
+    from adaptive_mamba.training.config import load_train_config
+
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    ctx = dist_context_from_env()
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGUSR1, request_stop)
+
+    from adaptive_mamba.training.checkpointing import CheckpointCorruptError
+    from adaptive_mamba.training.trainer import NonFiniteLossError, Trainer
+
+    distributed.init_distributed(ctx)
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)      # concise output: our own log lines, DeepSpeed's warnings only
+    trainer = Trainer(cfg, ctx, wandb_mode_from_env(cfg.wandb_mode, cfg.wandb),
+                      stop_requested=lambda: stop["signal"] is not None)
+    code = 0
+    try:
+        trainer.setup()
+        result = trainer.run()
+        code = EXIT_PREEMPTED if result.status == "preempted" else 0
+    except (ValueError, FileNotFoundError, CheckpointCorruptError, NonFiniteLossError) as err:
+        print(f"[rank {ctx.rank}] error: {err}", file=sys.stderr)
+        code = EXIT_BAD_INPUT if not isinstance(err, NonFiniteLossError) else 1
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    finally:
+        trainer.close()
+        del trainer
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code not in (0, EXIT_PREEMPTED):
+        os._exit(code)      # other ranks may be stuck in a collective: no barrier, leave at once
+    distributed.shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
