@@ -7,7 +7,7 @@
 
 Writes the results JSON (scores, counts, settings, timing, versions), a markdown table next to it
 (`.md`) and, for our model, its predictions (`.predictions.jsonl`, the format `--predictions`
-reads). See docs/eval.md.
+reads). See README.md, "Evaluation".
 """
 from __future__ import annotations
 

@@ -67,7 +67,8 @@ def wandb_mode_from_env(requested: str, enabled: bool) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=None, help="YAML or JSON training config (see docs/training.md)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML or JSON training config (fields: the Config fields section of README.md)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)          # passed by the deepspeed launcher; LOCAL_RANK is used
     p.add_argument("overrides", nargs="*", help="key=value overrides of config fields, e.g. max_steps=100")

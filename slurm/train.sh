@@ -107,7 +107,7 @@ if ((${#missing[@]})); then
     die "not inside a Slurm job: ${missing[*]} not set.
   Submit it:     sbatch -N NODES --ntasks-per-node=RANKS_PER_NODE slurm/train.sh [--config FILE] [key=value ...]
   Without Slurm: python launch/train.py --config FILE  (one process) or deepspeed launch/train.py ...
-  Dry run:       set those variables by hand and TRAIN_DRY_RUN=1 (see docs/slurm.md)"
+  Dry run:       set those variables by hand and TRAIN_DRY_RUN=1 (see README.md, section Training on a Slurm cluster)"
 fi
 
 # ---- where things are -------------------------------------------------------------------------

@@ -43,7 +43,7 @@ _ENCODE_CHUNK_BYTES = 1 << 20  # tokenise ~1 MB of text at a time, then convert 
 
 @dataclass
 class DataPrepConfig:
-    """Everything `build_shards` needs. See docs/data_prep.md for the CLI equivalents.
+    """Everything `build_shards` needs. See README.md, "Data preparation", for the CLI equivalents.
 
     tokenizer: ``"sentencepiece:VOCAB"`` (train BPE on the training split; ``sp_model_type``
     picks bpe/unigram), ``"hf:PATH"`` (a local HF tokenizer folder, or a hub name when the hub is

@@ -1,4 +1,4 @@
-"""The three self-adapting pillars, each split into collect statistics / decide / apply (see docs/pillars.md).
+"""The three self-adapting pillars, each split into collect statistics / decide / apply (see README.md, "The three pillars").
 
 1. scan order (scan_order.py): ScanStatsCollector -> decide_scan_order -> reparametrization_plan / apply_scan_order
 2. learned masks (masks.py): MaskConfig, apply_masks, mask_regularizer, temperature_at / set_temperature,
