@@ -33,6 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from adaptive_mamba.data.sources import Document, DocumentReader
+from adaptive_mamba.fileio import file_sha256
 from adaptive_mamba.tokenizer import INFO_FILE, Tokenizer, load_tokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
@@ -169,14 +170,6 @@ def _plan(cfg: DataPrepConfig) -> tuple[dict, list[_ShardSpec]]:
     return plan, shards
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _tokenizer_fingerprint(directory: Path) -> str:
     h = hashlib.sha256()
     for name in ("tokenizer.json", "tokenizer.model", INFO_FILE):
@@ -275,7 +268,7 @@ def _tokenize_shard(tok_dir: str, stem_path: str, texts: list[str], keys: list[s
     np.save(stem.with_name(stem.name + ".idx.npy"), offsets)
     marker = {**meta, "n_docs": len(texts), "n_tokens": int(offsets[-1]),
               "text_bytes": int(sum(len(t.encode("utf-8")) for t in texts)),
-              "bin_sha256": _file_sha256(bin_path), "docs": keys}
+              "bin_sha256": file_sha256(bin_path), "docs": keys}
     tmp_json = stem.with_name(stem.name + ".json.tmp")
     tmp_json.write_text(json.dumps(marker))
     os.replace(tmp_json, stem.with_name(stem.name + ".json"))

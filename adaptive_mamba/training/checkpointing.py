@@ -17,7 +17,6 @@ half-load.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,6 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from adaptive_mamba.fileio import file_sha256
 from adaptive_mamba.training.distributed import barrier
 
 MANIFEST = "MANIFEST.json"
@@ -51,14 +51,6 @@ def step_name(step: int) -> str:
 
 def rank_file(directory: Path, rank: int) -> Path:
     return directory / f"rank_{rank:05d}.pt"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -104,7 +96,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
     if rank == 0:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {"step": step, "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size,
-                                                                      "sha256": _sha256(p)} for p in files}}
+                                                                      "sha256": file_sha256(p)} for p in files}}
         _atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         if final.exists():                 # re-saving the same step (e.g. preempted right after a save)
             shutil.rmtree(final)
@@ -136,7 +128,7 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
         if not path.is_file():
             raise CheckpointCorruptError(f"checkpoint {directory} is missing {rel}; it is corrupt. Resume from an "
                                          f"earlier checkpoint in {directory.parent} (resume=PATH)")
-        if path.stat().st_size != info["bytes"] or _sha256(path) != info["sha256"]:
+        if path.stat().st_size != info["bytes"] or file_sha256(path) != info["sha256"]:
             raise CheckpointCorruptError(f"checkpoint file {path} does not match its manifest (size or sha256 "
                                          "differs): the checkpoint is corrupt. Resume from an earlier checkpoint in "
                                          f"{directory.parent} (resume=PATH)")
