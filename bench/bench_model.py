@@ -35,15 +35,17 @@ def measure(impl: str, length: int, repeat: int) -> dict:
 
         model = AdaptiveMambaForCausalLM(AdaptiveMambaConfig(d_model=SHAPE["hidden"], n_layer=SHAPE["layers"],
                                                              d_state=SHAPE["state"], vocab_size=SHAPE["vocab"]))
-        step = lambda ids: model(ids, labels=ids).loss  # noqa: E731
     else:
         from transformers import MambaConfig, MambaForCausalLM
 
         model = MambaForCausalLM(MambaConfig(hidden_size=SHAPE["hidden"], num_hidden_layers=SHAPE["layers"],
                                              state_size=SHAPE["state"], vocab_size=SHAPE["vocab"],
                                              use_mambapy=impl == "hf-mambapy"))
-        step = lambda ids: model(ids, labels=ids).loss  # noqa: E731
     model.train()
+
+    def step(ids):
+        return model(ids, labels=ids).loss
+
     ids = torch.randint(0, SHAPE["vocab"], (SHAPE["batch"], length))
     step(ids[:, :64]).backward()              # warm-up (kernel build/load, allocator)
     model.zero_grad(set_to_none=True)
