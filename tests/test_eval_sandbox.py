@@ -184,7 +184,7 @@ def test_suite_finishes_with_hostile_samples_mixed_in(victim: Path):
         "import sys\nsys.exit(3)\n",
         "raise SystemExit(0)\nimport this\n",  # exits 0: a pass, like any program that exits 0
     ]
-    results = run_programs(["assert 1 + 1 == 2\n", *hostile], timeout=2.0, workers=2)
+    results = run_programs(["assert sum([1, 1]) == 2\n", *hostile], timeout=2.0, workers=2)
     assert [r.passed for r in results] == [True, False, False, False, False, False, True]
     assert results[1].status == "timeout"
     assert victim.read_text() == "original\n"
