@@ -160,8 +160,8 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state, strict=False)
 
 
-def load_model(cls: type["AdaptiveMambaForCausalLM"], directory: str | Path, dtype: Optional[torch.dtype] = None,
-               device: str | torch.device = "cpu") -> "AdaptiveMambaForCausalLM":
+def load_config(directory: str | Path) -> tuple[AdaptiveMambaConfig, str]:
+    """The architecture of a model directory in any of the three formats, and the format's name (no weights read)."""
     directory = Path(directory)
     raw = read_config(directory)
     fmt = detect_format(raw)
@@ -172,6 +172,13 @@ def load_model(cls: type["AdaptiveMambaForCausalLM"], directory: str | Path, dty
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"{directory}/{CONFIG_NAME} ({fmt} format) is invalid: {err}") from err
+    return config, fmt
+
+
+def load_model(cls: type["AdaptiveMambaForCausalLM"], directory: str | Path, dtype: Optional[torch.dtype] = None,
+               device: str | torch.device = "cpu") -> "AdaptiveMambaForCausalLM":
+    directory = Path(directory)
+    config, fmt = load_config(directory)
     state = read_weights(directory)
     if fmt != "ours":
         state = {_RENAMES[fmt](k): v for k, v in state.items()}

@@ -309,8 +309,10 @@ def _weighted_sparsity(model: "AdaptiveMambaForCausalLM", density: str) -> Tenso
     modules = list(masked_modules(model).values())
     if not modules:
         raise ValueError("the model has no masks: call apply_masks(model, MaskConfig(...)) first")
-    total = sum(m.weight.numel() for m in modules)
-    return 1.0 - sum(getattr(m, density)() * (m.weight.numel() / total) for m in modules)
+    # weights counted from the layer shapes: under ZeRO-3 a partitioned weight's numel() is 0
+    sizes = [m.in_features * m.out_features for m in modules]
+    total = sum(sizes)
+    return 1.0 - sum(getattr(m, density)() * (n / total) for m, n in zip(modules, sizes))
 
 
 def expected_sparsity(model: "AdaptiveMambaForCausalLM") -> Tensor:

@@ -20,14 +20,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+from peft.tuners.ia3 import IA3Layer
+from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from adaptive_mamba.model import AdaptiveMambaForCausalLM
+from adaptive_mamba.pillars.common import iter_projections, resolve_module
+from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, HybridPeftConfig, apply_allocation,
+                                                decide_allocation, format_allocation_table, module_importance)
+from adaptive_mamba.pillars.masks import (MaskConfig, MaskedLinear, apply_masks, expected_sparsity,
+                                          set_temperature, sparsity_report, temperature_at)
+from adaptive_mamba.pillars.persistence import save_adaptive_model
+from adaptive_mamba.pillars.scan_order import (ScanOrderDecision, ScanStatsCollector, current_scan_order,
+                                               decide_scan_order, reparametrization_plan)
 from adaptive_mamba.training.config import TrainConfig
 from adaptive_mamba.training.distributed import DistContext, all_reduce_sum, broadcast_object
 from adaptive_mamba.training.engine import permute_engine_params, zero_stage
 
 if TYPE_CHECKING:
-    from adaptive_mamba.model import AdaptiveMambaForCausalLM
     from adaptive_mamba.training.trainer import Trainer
 
 
@@ -38,8 +48,6 @@ class PillarController:
         self.cfg, self.ctx, self.total_steps = cfg, ctx, total_steps
         self.mask_cfg = None
         if cfg.masking:
-            from adaptive_mamba.pillars.masks import MaskConfig
-
             self.mask_cfg = MaskConfig(kind=cfg.mask_granularity, block_size=cfg.mask_block_size,
                                        targets=cfg.mask_target_list,
                                        tau_start=cfg.masking_tau, tau_end=cfg.masking_tau_final,
@@ -53,19 +61,15 @@ class PillarController:
         self.collector = None
 
     def _peft_config(self):
-        from adaptive_mamba.pillars.hybrid_peft import HybridPeftConfig
-
         return HybridPeftConfig(importance_threshold=self.cfg.importance_threshold,
                                 peft_application_ratio=self.cfg.peft_application_ratio,
                                 lora_r=self.cfg.peft_r, lora_alpha=self.cfg.peft_alpha, seed=self.cfg.seed,
                                 target_modules=self.cfg.mask_target_list)
 
     # -------------------------------------------------------------------------------- model structure
-    def build_structure(self, model: "AdaptiveMambaForCausalLM") -> "AdaptiveMambaForCausalLM":
+    def build_structure(self, model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausalLM:
         """Apply masks and the current allocation to a freshly built model (weights are loaded afterwards)."""
         if self.mask_cfg is not None:
-            from adaptive_mamba.pillars.masks import apply_masks
-
             frozen = not any(p.requires_grad for p in model.parameters())
             apply_masks(model, self.mask_cfg)
             if frozen:      # fine-tune: base weights stay frozen, mask logits train
@@ -77,12 +81,10 @@ class PillarController:
             model.config.extra["scan_order"] = [list(o) for o in self.scan_order]
         return model
 
-    def attach(self, model: "AdaptiveMambaForCausalLM") -> None:
+    def attach(self, model: AdaptiveMambaForCausalLM) -> None:
         """Hook the statistics collector onto the engine's model (after every engine (re)build)."""
         if not (self.cfg.scan_order and self.cfg.scan_update_frequency):
             return
-        from adaptive_mamba.pillars.scan_order import ScanStatsCollector
-
         previous = self.collector
         self.collector = ScanStatsCollector(model)
         if previous is not None:
@@ -92,27 +94,15 @@ class PillarController:
         self.collector.enable()
 
     # ----------------------------------------------------------------------------------- per step
-    def regularizer(self, model: "AdaptiveMambaForCausalLM") -> Tensor:
-        """sparsity_weight * |expected sparsity - target| over the masked projections (0 without masks).
-        Weight counts come from the layer shapes, so it is the same under ZeRO-3 partitioning."""
+    def regularizer(self, model: AdaptiveMambaForCausalLM) -> Tensor:
+        """sparsity_weight * |expected sparsity - target| over the masked projections (0 without masks)."""
         if self.mask_cfg is None or not model.training:
             return torch.zeros((), device=model.embedding.weight.device)
-        from adaptive_mamba.pillars.masks import masked_modules
+        return self.mask_cfg.sparsity_weight * (expected_sparsity(model) - self.mask_cfg.target_sparsity).abs()
 
-        modules = list(masked_modules(model).values())
-        sizes = [m.in_features * m.out_features for m in modules]
-        total = sum(sizes)
-        density = sum(m.expected_density() * (n / total) for m, n in zip(modules, sizes))
-        return self.mask_cfg.sparsity_weight * ((1.0 - density) - self.mask_cfg.target_sparsity).abs()
-
-    def on_step_begin(self, model: "AdaptiveMambaForCausalLM", step: int) -> None:
+    def on_step_begin(self, model: AdaptiveMambaForCausalLM, step: int) -> None:
         if self.mask_cfg is not None:
-            from adaptive_mamba.pillars.masks import set_temperature, temperature_at
-
             set_temperature(model, temperature_at(step, self.mask_cfg))
-
-    def on_step_end(self, model: "AdaptiveMambaForCausalLM") -> None:
-        """Nothing to do per step: statistics accumulate in forward hooks."""
 
     # --------------------------------------------------------------------------------- refreshes
     def maybe_refresh(self, trainer: "Trainer", step: int) -> dict[str, Any]:
@@ -135,9 +125,6 @@ class PillarController:
         return step > first and freq > 0 and (step - first) % freq == 0
 
     def _refresh_scan(self, trainer: "Trainer", step: int, events: dict[str, Any]) -> None:
-        from adaptive_mamba.pillars.scan_order import (ScanOrderDecision, current_scan_order, decide_scan_order,
-                                                       reparametrization_plan)
-
         tensors = self.collector.state_tensors()
         for t, total in zip(tensors, all_reduce_sum(tensors)):
             t.copy_(total)
@@ -162,9 +149,6 @@ class PillarController:
                                f"({reduction:.1f}% lower), {len(plan)} tensors permuted on every rank")
 
     def _reallocate(self, trainer: "Trainer", step: int, events: dict[str, Any]) -> None:
-        from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, decide_allocation, format_allocation_table,
-                                                 module_importance)
-
         model = trainer.full_model()                                       # collective: gathers every rank
         importance = module_importance(model, self.peft_cfg)
         names = sorted(importance)
@@ -178,17 +162,16 @@ class PillarController:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         trainer.rebuild_engine(model)                 # under ZeRO-3 this partitions `model`'s parameters
-        table = format_allocation_table(AllocationDecision.from_dict(decision))
+        allocation = AllocationDecision.from_dict(decision)
+        table = format_allocation_table(allocation)
         events["metrics"].update({"peft/trainable_params": trainable, "peft/trainable_pct": 100 * trainable / total})
         events["tables"].append(("peft/allocation", ["module", "importance", "kind"],
                                  [[n, importance.get(n, float("nan")), k]
-                                  for n, k in AllocationDecision.from_dict(decision).kinds.items()]))
+                                  for n, k in allocation.kinds.items()]))
         events["lines"].append(f"PEFT allocation at step {step} ({trainable:,} trainable parameters, "
                                f"{100 * trainable / total:.2f}%):\n{table}")
 
-    def _apply_allocation(self, model: "AdaptiveMambaForCausalLM", decision: dict[str, Any]) -> None:
-        from adaptive_mamba.pillars.hybrid_peft import AllocationDecision, apply_allocation
-
+    def _apply_allocation(self, model: AdaptiveMambaForCausalLM, decision: dict[str, Any]) -> None:
         apply_allocation(model, AllocationDecision.from_dict(decision), self.peft_cfg)
 
     # ---------------------------------------------------------------------------------- reporting
@@ -196,8 +179,6 @@ class PillarController:
         """Per-layer sparsity and trainable share of the current model (for evals); collective."""
         if self.mask_cfg is None:
             return {"metrics": {}, "line": ""}
-        from adaptive_mamba.pillars.masks import sparsity_report
-
         model = trainer.module.model if zero_stage(trainer.ds_config) < 3 else trainer.full_model()
         report = sparsity_report(model)
         metrics = {"masks/sparsity": report["sparsity"],
@@ -214,8 +195,6 @@ class PillarController:
         total = sum(p.numel() for p in model.parameters())
         values["trainable_pct"] = round(100 * trainable / total, 2)
         if self.mask_cfg is not None:
-            from adaptive_mamba.pillars.masks import sparsity_report
-
             rep = sparsity_report(model)
             values["sparsity"] = round(rep["sparsity"], 4)
             values["executed_flops_ratio"] = round(rep["executed_flops"] / rep["dense_flops"], 4)
@@ -232,8 +211,6 @@ class PillarController:
                          f"{values['scan_cost_reduction_pct']:.1f}%; first by "
                          f"{100 * (1 - sum(first['cost_after']) / sum(first['cost_identity'])):.1f}%)")
         if self.allocation is not None:
-            from adaptive_mamba.pillars.hybrid_peft import AllocationDecision
-
             kinds = AllocationDecision.from_dict(self.allocation).kinds
             counts = {k: sum(1 for v in kinds.values() if v == k) for k in ("lora", "ia3", "frozen")}
             values["allocation"] = counts
@@ -241,11 +218,9 @@ class PillarController:
                          f"{counts['lora']}, IA3 on {counts['ia3']}, frozen {counts['frozen']} of {len(kinds)} modules")
         return {"values": values, "text": "Pillars: " + "; ".join(parts) + "."}
 
-    def export(self, model: "AdaptiveMambaForCausalLM", out: Path) -> list[Path]:
+    def export(self, model: AdaptiveMambaForCausalLM, out: Path) -> list[Path]:
         """Adapters in peft format (when allocated) and a merged plain model (adapters merged, hard masks baked
         into the weights) that `AdaptiveMambaForCausalLM.from_pretrained` loads."""
-        from adaptive_mamba.pillars.persistence import save_adaptive_model
-
         save_adaptive_model(model, out / "adaptive")      # base weights + masks + peft-format adapters
         merged_plain_model(model).save_pretrained(out / "merged")
         return [out / "adaptive", out / "merged"]
@@ -273,18 +248,11 @@ class PillarController:
                 t.copy_(saved)
 
 
-def merged_plain_model(model: "AdaptiveMambaForCausalLM") -> "AdaptiveMambaForCausalLM":
+def merged_plain_model(model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausalLM:
     """A plain AdaptiveMambaForCausalLM computing what `model` computes in evaluation mode: each hard mask is
     multiplied into its base weight first (dropped structured outputs keep their bias, as the compact forward
     does), then the LoRA / IA3 adapters are merged (LoRA's update is not masked in the adapted model, so the order
     matters). `model` is consumed."""
-    from peft.tuners.ia3 import IA3Layer
-    from peft.tuners.lora import LoraLayer
-
-    from adaptive_mamba.model import AdaptiveMambaForCausalLM
-    from adaptive_mamba.pillars.common import iter_projections, resolve_module
-    from adaptive_mamba.pillars.masks import MaskedLinear
-
     with torch.no_grad():
         for name, _, module, _ in iter_projections(model):
             holder, attr = (module, "base_layer") if isinstance(module, (LoraLayer, IA3Layer)) else \

@@ -115,16 +115,10 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     return state
 
 
-def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 values of the trainable parameters only (collective under ZeRO)."""
-    names = {n for n, p in engine.module.named_parameters() if p.requires_grad}
-    return {k: v for k, v in full_state_dict(engine).items() if k in names}
-
-
-def permute_engine_params(engine, plan: Iterable[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]) -> int:
+def permute_engine_params(engine, plan: Iterable[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]) -> None:
     """Rewrite each named parameter as `fn(parameter)` (a channel permutation), together with its fp32 master copy
     and its Adam moments (exp_avg, exp_avg_sq), consistently at every ZeRO stage. A collective: all ranks call it
-    with the same plan. Returns the number of parameters rewritten."""
+    with the same plan."""
     from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                                  safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
@@ -160,4 +154,3 @@ def permute_engine_params(engine, plan: Iterable[tuple[str, Callable[[torch.Tens
                 moment = None                          # before the first optimizer step there are no moments
             if moment is not None:
                 safe_set_full_optimizer_state(p, fn(moment.reshape(shape)), key)
-    return len(plan) if isinstance(plan, list) else -1

@@ -10,6 +10,7 @@ on every rank (see `adaptation.py`).
 """
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import json
@@ -22,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from adaptive_mamba.checkpoint_io import load_config
 from adaptive_mamba.data import TokenShards
 from adaptive_mamba.model import AdaptiveMambaForCausalLM
 from adaptive_mamba.training import checkpointing as ckpt
@@ -135,7 +137,7 @@ class Trainer:
             self.sampler.load_state_dict(resume_state["data"])
             self.pillars.load_state_dict(resume_state["pillars"])
         self.model_config = self._model_config()
-        self._build_engine(self._fresh_model())
+        self.rebuild_engine(self._fresh_model())
         self.step = 0
         if resume_state is not None:
             self._load(self.resume_from, resume_state)
@@ -157,7 +159,7 @@ class Trainer:
     def _model_config(self):
         cfg = self.cfg
         if cfg.init_from is not None:
-            config = AdaptiveMambaForCausalLM.from_pretrained(cfg.init_from).config   # validates the directory
+            config, _ = load_config(cfg.init_from)         # the weights are read once, in _fresh_model
         else:
             config = cfg.model_config(self.train_shards.vocab_size)
         config.gradient_checkpointing = cfg.use_gradient_checkpointing
@@ -174,18 +176,14 @@ class Trainer:
             model = AdaptiveMambaForCausalLM.from_pretrained(self.cfg.init_from)
             model.config.gradient_checkpointing = self.cfg.use_gradient_checkpointing
         else:
-            model = AdaptiveMambaForCausalLM(self.model_config)
+            model = AdaptiveMambaForCausalLM(copy.deepcopy(self.model_config))
         if self.cfg.freeze_base_weights:
             model.requires_grad_(False)
         return self.pillars.build_structure(model)
 
-    def _build_engine(self, model: AdaptiveMambaForCausalLM, state: Optional[dict[str, Tensor]] = None) -> None:
-        """(Re)create the DeepSpeed engine around `model` (optionally loading a full state dict first)."""
-        if state is not None:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
-                raise RuntimeError(f"engine rebuild: state does not match the model (missing {missing}, "
-                                   f"unexpected {unexpected})")
+    def rebuild_engine(self, model: AdaptiveMambaForCausalLM) -> None:
+        """(Re)create the DeepSpeed engine and optimizer around `model` (at setup, and after the pillars changed
+        which parameters train)."""
         model.to(self.device)
         objective = TrainingObjective(model, self.pillars.regularizer)
         if self.engine is not None:
@@ -194,10 +192,6 @@ class Trainer:
             gc.collect()
         self.engine = build_engine(objective, self.cfg, self.ds_config)
         self.pillars.attach(self.module.model)
-
-    def rebuild_engine(self, model: AdaptiveMambaForCausalLM) -> None:
-        """A new engine and optimizer around `model` (after the pillars changed which parameters train)."""
-        self._build_engine(model)
 
     @property
     def module(self) -> TrainingObjective:
@@ -240,7 +234,6 @@ class Trainer:
             sums += torch.tensor([float(ce.detach()), float(reg.detach()),
                                   float((batch["labels"][:, 1:] != -100).sum()), 0.0], dtype=torch.float64)
         self.step += 1
-        self.pillars.on_step_end(self.module.model)
         sums = all_reduce_sum([sums])[0]
         n = cfg.grad_accum_steps * self.ctx.world_size
         norm = self.engine.get_global_grad_norm()
@@ -347,8 +340,9 @@ class Trainer:
         """Digest of every parameter (gathered, fp32 masters), the scan order and the allocation on each rank;
         rank 0 checks they agree and appends them to consistency.jsonl. Raises if the ranks diverged."""
         h = hashlib.sha256()
+        param_names = {name for name, _ in self.module.named_parameters()}
         for name, tensor in sorted(full_state_dict(self.engine).items()):
-            if name in dict(self.module.named_parameters()):
+            if name in param_names:
                 h.update(name.encode())
                 h.update(tensor.detach().float().contiguous().numpy().tobytes())
         extra = self.module.model.config.extra
@@ -411,9 +405,7 @@ class Trainer:
         return model
 
     def _plain_base(self) -> AdaptiveMambaForCausalLM:
-        config = AdaptiveMambaForCausalLM.from_pretrained(self.cfg.init_from).config if self.cfg.init_from \
-            else self.model_config
-        model = AdaptiveMambaForCausalLM(config)
+        model = AdaptiveMambaForCausalLM(copy.deepcopy(self.model_config))
         if self.cfg.freeze_base_weights:
             model.requires_grad_(False)
         return model
