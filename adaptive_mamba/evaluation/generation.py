@@ -12,21 +12,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..model import sample_next_token
 from ..tokenizer import Tokenizer
-
-
-def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest top set
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def _stop_index(text: str, stops: Sequence[str]) -> int | None:
@@ -52,7 +39,7 @@ def generate_batch(model: torch.nn.Module, tokenizer: Tokenizer, prompt_ids: Seq
     done = [False] * n
     for _ in range(max_new_tokens):
         logits[:, vocab:] = float("-inf")
-        step = _next_tokens(logits, temperature, top_p, generator)
+        step = sample_next_token(logits, temperature > 0, temperature, 0, top_p, generator)
         for row, token in enumerate(step.tolist()):
             if done[row]:
                 continue
