@@ -8,20 +8,33 @@ sample, and the suite finishes.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
 from adaptive_mamba.evaluation.sandbox import (
+    MARKER,
     PROJECT_ROOT,
-    SANDBOX_UID_BASE,
     SandboxError,
     check_isolation_available,
     run_program,
     run_programs,
 )
+
+# Programs that exit 0 before their tests finish: each must fail.
+EXIT_ZERO = [
+    "import sys\nsys.exit(0)\nassert False\n",
+    "raise SystemExit(0)\nassert False\n",
+    "import os\nos._exit(0)\nassert False\n",
+    "import atexit, os\natexit.register(os._exit, 0)\nassert False\n",
+]
 
 try:
     check_isolation_available()
@@ -30,15 +43,15 @@ except SandboxError as exc:
 
 
 def sandbox_processes() -> list[int]:
-    """PIDs of live processes owned by any sandbox uid."""
+    """PIDs of live processes started by any sandbox (their command line carries MARKER)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                uid = entry.stat().st_uid
-            except FileNotFoundError:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
                 continue
-            if SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + 64:
+            if MARKER.encode() in cmdline and "pytest" not in cmdline.decode(errors="replace"):
                 pids.append(int(entry.name))
     return pids
 
@@ -182,10 +195,9 @@ def test_suite_finishes_with_hostile_samples_mixed_in(victim: Path):
         "x = bytearray(50 * 2**30)\n",
         "import os\nos.kill(1, 9)\n",
         "import sys\nsys.exit(3)\n",
-        "raise SystemExit(0)\nimport this\n",  # exits 0: a pass, like any program that exits 0
     ]
-    results = run_programs(["assert sum([1, 1]) == 2\n", *hostile], timeout=2.0, workers=2)
-    assert [r.passed for r in results] == [True, False, False, False, False, False, True]
+    results = run_programs(["assert sum([1, 1]) == 2\n", *hostile, *EXIT_ZERO], timeout=2.0, workers=2)
+    assert [r.passed for r in results] == [True] + [False] * (len(hostile) + len(EXIT_ZERO))
     assert results[1].status == "timeout"
     assert victim.read_text() == "original\n"
     assert sandbox_processes() == []
@@ -198,3 +210,29 @@ def test_world_writable_folders_are_private():
     res = run_program(prog, guard=False)
     assert res.passed, res  # the writes work inside: each folder is a private tmpfs
     assert not any(t.exists() for t in targets)
+
+
+@pytest.mark.parametrize("program", EXIT_ZERO)
+def test_exiting_zero_before_the_end_fails(program: str):
+    res = run_program(program, guard=False)
+    assert res.returncode == 0 and not res.passed and res.status == "failed", res
+    assert "before the program ran to its end" in res.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root (and setpriv) to switch to an unprivileged user")
+def test_everything_above_holds_for_an_unprivileged_user():
+    """The whole module again as uid 65534 with no capabilities: bubblewrap needs no root."""
+    basetemp = Path(tempfile.mkdtemp(prefix="sandbox_unprivileged_"))
+    os.chmod(basetemp, 0o777)
+    cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all",
+           "--bounding-set=-all", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           "--basetemp", str(basetemp / "t"), __file__, "-k", "not unprivileged"]
+    env = {**os.environ, "HOME": str(basetemp)}
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
+    finally:
+        shutil.rmtree(basetemp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert re.search(r"\d+ passed", proc.stdout) and "skipped" not in proc.stdout, proc.stdout[-2000:]
