@@ -230,3 +230,62 @@ def test_a_killed_run_keeps_finished_tasks_and_its_rerun_does_only_the_rest(tmp_
     # Different settings into the same --out: refused, nothing mixed.
     other = subprocess.run(cmd + ["--limit", "1"], check=False, capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "holds results of another run (different limit)" in other.stderr
+
+
+LOCAL_WIKITEXT_TASK = """\
+task: wikitext_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: !function preprocess_wikitext.wikitext_detokenizer
+process_results: !function preprocess_wikitext.process_results
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_adapter_equals_the_suite_on_a_local_wikitext_task(model_dir, shared_data, tmp_path):
+    """`lm_eval --model adaptive-mamba` (registered by the installed .pth hook) on lm-eval's own
+    wikitext task definition, fed from local files: word perplexity equals the suite's."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks.wikitext import preprocess_wikitext
+
+    from adaptive_mamba.evaluation.lm_eval_adapter import install_hook
+
+    pages = sources.load_wikitext(shared_data / "wikitext-2")[:2]
+    data = tmp_path / "pages.jsonl"
+    data.write_text("".join(json.dumps({"page": p["text"]}) + "\n" for p in pages))
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    shutil.copy(preprocess_wikitext.__file__, tasks_dir)  # lm-eval's own detokenizer and counts
+    (tasks_dir / "wikitext_local.yaml").write_text(LOCAL_WIKITEXT_TASK.format(data=data))
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    install_hook(site_dir)
+    # The `lm_eval` console script, with `site_dir` as an extra site-packages (so its .pth runs).
+    lm_eval_cli = ("import site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'lm_eval'; "
+                   "from lm_eval.__main__ import cli_evaluate; cli_evaluate()")
+    cmd = [sys.executable, "-c", lm_eval_cli, str(site_dir), "--model", "adaptive-mamba",
+           "--model_args", f"pretrained={model_dir},max_length=256", "--batch_size", "2", "--device", "cpu",
+           "--tasks", "wikitext_local", "--include_path", str(tasks_dir),
+           "--output_path", str(tmp_path / "lm_eval_out")]
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results_file = next((tmp_path / "lm_eval_out").rglob("results_*.json"))
+    harness = json.loads(results_file.read_text())["results"]["wikitext_local"]
+
+    ours = run_suite.main(["--model", str(model_dir), "--tasks", "wikitext", "--data-dir", str(shared_data),
+                           "--limit", "2", "--max-length", "256", "--device", "cpu",
+                           "--out", str(tmp_path / "ours.json")])["tasks"]["wikitext"]["scores"]["rolling"]
+    assert harness["word_perplexity,none"] == pytest.approx(ours["word_perplexity"], rel=1e-6)
+    assert harness["byte_perplexity,none"] == pytest.approx(ours["byte_perplexity"], rel=1e-6)
+    assert harness["bits_per_byte,none"] == pytest.approx(ours["bits_per_byte"], rel=1e-6)
