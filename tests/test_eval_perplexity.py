@@ -15,7 +15,7 @@ from adaptive_mamba.evaluation.likelihood import (
     score_recurrent,
     score_rolling,
 )
-from adaptive_mamba.evaluation.plots import position_curve_svg, position_perplexities
+from adaptive_mamba.evaluation.plots import nice_ticks, position_curve_svg, position_perplexities
 from adaptive_mamba.tokenizer import load_tokenizer
 
 
@@ -87,8 +87,13 @@ def test_position_curve_and_plot(tokenizer, shared_data):
     assert sum(curve.count) == scores[0].tokens == len(ids)
     assert curve.count[:-1] == [1000] * (len(curve.count) - 1)
     assert all(p == pytest.approx(64) for _, p in position_perplexities(curve))
-    svg = position_curve_svg(curve)
-    assert svg.startswith("<svg") and "polyline" in svg
+    svg = position_curve_svg(curve, "uniform <64>")
+    assert svg.startswith("<svg") and "polyline" in svg and "uniform &lt;64&gt;" in svg
+    for label in ("0", "1,000", "5,000", "60", "80"):  # round ticks on both axes
+        assert f">{label}</text>" in svg, label
+    assert nice_ticks(0, 4400) == [0, 1000, 2000, 3000, 4000, 5000]
+    assert nice_ticks(3.3, 7.9) == [3, 4, 5, 6, 7, 8]
+    assert nice_ticks(0.012, 0.047) == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05])
 
 
 @pytest.fixture(scope="module")
