@@ -3,6 +3,8 @@ are counted and shown, not silently scored as zeros."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,3 +111,22 @@ def test_hub_fallback_offline_says_how_to_pass_local_files(monkeypatch):
     for task in ("pg19", "hotpotqa", "cnn_dm", "wikitext"):
         with pytest.raises(InputError, match=rf"^{task}: could not load .* pass --data-dir DIR .* --data {task}=PATH"):
             sources.load_task_data(task, None)
+
+
+def test_without_a_sandbox_the_other_tasks_run_and_humaneval_is_skipped(tmp_path, shared_data):
+    gold = sources.load_hotpotqa(shared_data / "hotpotqa")[:2]
+    preds = write(tmp_path / "p.jsonl", [
+        *(json.dumps({"task": "hotpotqa", "id": ex["id"], "prediction": ex["answer"]}) for ex in gold),
+        json.dumps({"task_id": "HumanEval/0", "completion": "    return True\n"})])
+    out = tmp_path / "r.json"
+    # No bubblewrap on PATH: the sandbox cannot run here.
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / "run_suite.py"), "--predictions", str(preds),
+                           "--data-dir", str(shared_data), "--limit", "2", "--out", str(out)],
+                          check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": str(tmp_path / "empty")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "humaneval skipped, the other tasks run: bubblewrap (`bwrap`) is not installed" in proc.stderr
+    results = json.loads(out.read_text())
+    assert results["tasks"]["hotpotqa"]["scores"]["em"] == 1.0 and "humaneval" not in results["tasks"]
+    assert "apt-get install -y bubblewrap" in results["skipped"]["humaneval"]
+    assert "| humaneval | skipped |" in proc.stdout

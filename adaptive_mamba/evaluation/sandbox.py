@@ -203,7 +203,7 @@ def run_program(program: str, timeout: float = 3.0, memory_mb: int = 1024,
         out.seek(0, os.SEEK_END)
         out.seek(max(0, out.tell() - 4 * OUTPUT_CAP))
         output = out.read().decode(errors="replace")[-OUTPUT_CAP:]
-    if returncode is not None and returncode != 0 and output.startswith("bwrap:"):
+    if returncode not in (None, 0) and output.startswith(("bwrap:", "setpriv:")):
         raise SandboxError(f"could not set up the sandbox: {output.strip()}; {UNAVAILABLE_HINT}")
     if timed_out:
         return ExecutionResult(False, "timeout", None, output)
