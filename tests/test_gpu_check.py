@@ -91,6 +91,27 @@ def test_machine_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         nproc, *overrides = machine_defaults()
         assert nproc == "1" and f"precision={precision}" in overrides
         fields = dict(o.split("=", 1) for o in overrides)
-        ds = load_ds_config(TrainConfig(precision=fields["precision"],
+        ds = load_ds_config(TrainConfig(precision=fields["precision"], data_source="stdlib",
                                         deepspeed_config=str(REPO / fields["deepspeed_config"])), world_size=1)
         assert ds["bf16"]["enabled"] == (precision == "bf16")
+
+
+def test_cuda_dispatch_checks_the_kernel_signature() -> None:
+    """Our CUDA dispatch passes mamba-ssm 2.3.2.post1's exact arguments; a build whose pybind11 signature differs
+    (e.g. an extra cu_seqlens) is refused with a message naming the fix, before any call."""
+    from types import SimpleNamespace
+
+    from adaptive_mamba.ops.selective_scan import check_cuda_signature
+
+    def ext(n_fwd: int, n_bwd: int) -> SimpleNamespace:
+        def fn(n: int, name: str):
+            f = lambda *a: None  # noqa: E731
+            f.__doc__ = f"{name}(" + ", ".join(f"arg{i}: torch.Tensor" for i in range(n)) + ") -> list[torch.Tensor]\n"
+            return f
+        return SimpleNamespace(fwd=fn(n_fwd, "fwd"), bwd=fn(n_bwd, "bwd"))
+
+    check_cuda_signature(ext(9, 14))
+    with pytest.raises(RuntimeError, match=r"selective_scan_cuda.fwd takes 10 arguments.*mamba-ssm==2.3.2.post1"):
+        check_cuda_signature(ext(10, 15))
+    with pytest.raises(RuntimeError, match=r"selective_scan_cuda.bwd takes 15 arguments"):
+        check_cuda_signature(ext(9, 15))
