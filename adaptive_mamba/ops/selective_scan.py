@@ -258,7 +258,11 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         raise ValueError("selective_scan: only input-dependent B and C are supported, with shapes (batch, N, L) "
                          f"or (batch, G, N, L); got B {tuple(B.shape)} and C {tuple(C.shape)}")
     if u.is_cuda and cuda_kernel_available():
-        out, last = _SelectiveScanCUDA.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        # the kernel checks dtypes: delta, B, C, z in u's dtype (bf16 under autocast), A, D, delta_bias in float32
+        delta, B, C = delta.to(u.dtype), B.to(u.dtype), C.to(u.dtype)
+        z = None if z is None else z.to(u.dtype)
+        D, delta_bias = (None if t is None else t.float() for t in (D, delta_bias))
+        out, last = _SelectiveScanCUDA.apply(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus)
         if initial_state is not None:
             dt = _prepare_delta(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
             y0, h_extra = _initial_state_correction(dt, A, C, z, initial_state)
