@@ -6,8 +6,9 @@
 - train: 50 optimizer steps of the 130M shape (d_model 768, 24 layers), all pillars on, one process under NCCL,
   ZeRO-2 bf16 (launch/train.py under torchrun, as a user runs it); the loss must fall and the exported checkpoint,
   reloaded on the CPU in fp32, must give the GPU's bf16 logits.
-- throughput: tokens/s and peak memory of a training step (forward, backward, AdamW) for transformers'
-  MambaForCausalLM (its mamba-ssm fast path on a GPU), ours with the pillars off and ours with all pillars on,
+- throughput: tokens/s and peak memory of a training step (forward, backward, AdamW) for mamba-ssm's
+  MambaLMHeadModel (transformers' MambaForCausalLM where mamba-ssm is absent: the CPU smoke run), ours with the
+  pillars off and ours with all pillars on,
   at L = 2048 and 8192; the ratios are ours / plain and pillars-on / pillars-off.
 - longest: the longest single training sequence (batch 1, activation checkpointing, all pillars, bf16) whose
   forward and backward fit, found by doubling from 64k tokens and then one bisection step.
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -152,12 +154,22 @@ def pillar_model(size: dict[str, Any], pillars: bool, checkpointing: bool) -> tu
     return model, ctl.regularizer
 
 
-def plain_mamba(size: dict[str, Any]) -> torch.nn.Module:
-    """transformers' MambaForCausalLM at the same shape (mamba-ssm's fused kernels when they are installed)."""
-    from transformers import MambaConfig, MambaForCausalLM
+def plain_mamba(size: dict[str, Any]) -> tuple[str, torch.nn.Module, Callable]:
+    """The baseline at the same shape: mamba-ssm's own MambaLMHeadModel (its fused kernels) when mamba-ssm imports,
+    else transformers' MambaForCausalLM (CPU smoke). Returns (name, model, loss function)."""
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    except ImportError:
+        from transformers import MambaConfig, MambaForCausalLM
 
-    return MambaForCausalLM(MambaConfig(hidden_size=size["d_model"], num_hidden_layers=size["n_layers"],
-                                        vocab_size=size["vocab"], state_size=16, expand=2, conv_kernel=4))
+        model = MambaForCausalLM(MambaConfig(hidden_size=size["d_model"], num_hidden_layers=size["n_layers"],
+                                             vocab_size=size["vocab"], state_size=16, expand=2, conv_kernel=4))
+        return "transformers MambaForCausalLM", model, lambda m, ids: m(ids, labels=ids).loss
+    model = MambaLMHeadModel(SsmConfig(d_model=size["d_model"], n_layer=size["n_layers"], vocab_size=size["vocab"],
+                                       ssm_cfg={"layer": "Mamba1"}))
+    return "mamba_ssm MambaLMHeadModel", model, lambda m, ids: F.cross_entropy(
+        m(ids).logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
 def train_steps(model: torch.nn.Module, loss_fn: Callable, length: int, steps: int, device: torch.device,
@@ -199,14 +211,11 @@ def _free(device: torch.device) -> None:
 
 
 def measure_throughput(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
-    from transformers.models.mamba import modeling_mamba
-
-    rows: dict[str, Any] = {"fast_path": bool(getattr(modeling_mamba, "is_fast_path_available", False))}
+    rows: dict[str, Any] = {}
     for length in size["lengths"]:
         row: dict[str, Any] = {}
-        model = plain_mamba(size)
-        row["plain_mamba"] = train_steps(model, lambda m, ids: m(ids, labels=ids).loss, length, size["timed_steps"],
-                                         device, size["vocab"])
+        rows["plain_model"], model, loss_fn = plain_mamba(size)
+        row["plain_mamba"] = train_steps(model, loss_fn, length, size["timed_steps"], device, size["vocab"])
         del model
         _free(device)
         for name, pillars in (("ours_pillars_off", False), ("ours_pillars_on", True)):
