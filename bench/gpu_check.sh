@@ -6,7 +6,7 @@
 #       + ZeRO-2 bf16 with all pillars and a CPU reload, tokens/s and peak memory vs plain Mamba, longest sequence.
 # Writes gpu_check.json (GPU_CHECK_OUT) and logs under .cache/gpu_check/. Exit: 0 all passed, 1 a part failed,
 # 2 no CUDA device (or no kernels and nothing to build them from).
-#   bash bench/gpu_check.sh            # or: make gpu-check
+#   bash bench/gpu_check.sh            # or: make gpu-check; GPU_CHECK_PARTS=scan,train runs a subset of (c)-(f)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
@@ -78,7 +78,7 @@ fi
 echo "gpu_check: pytest -m gpu: $(tail -n 1 "$LOGS/pytest_gpu.log") ($(elapsed))"
 
 # (c)-(f)
-"$PY" bench/gpu_check.py --out "$OUT" || status=1
+"$PY" bench/gpu_check.py --out "$OUT" ${GPU_CHECK_PARTS:+--parts "$GPU_CHECK_PARTS"} || status=1
 "$PY" - "$OUT" "$pytest_ok" "$LOGS/pytest_gpu.log" "$(( $(date +%s) - T0 ))" <<'EOF'
 import json, sys
 path, ok, log, seconds = sys.argv[1], sys.argv[2] == "true", sys.argv[3], int(sys.argv[4])
