@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv test train bench clean
+.PHONY: venv test train gpu-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,14 +21,21 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest tests -q
 
-# The demo: a small Mamba trained from scratch on this Python's standard library sources with all three pillars,
-# 2 ranks (CPU/gloo when there is no GPU). Leaves a checkpoint, an offline W&B run and runs/demo/summary.json.
+# The demo: a small Mamba trained from scratch on this Python's standard library sources with all three pillars.
+# Launch defaults fit the machine (launch/machine_defaults.py): one process per GPU with bf16 where supported, or
+# 2 CPU ranks on gloo (fp32) without a GPU. Leaves a checkpoint, an offline W&B run and runs/demo/summary.json.
 # Override e.g. `make train NPROC=1 TRAIN_ARGS="max_steps=20"`.
-NPROC ?= 2
+NPROC ?=
 TRAIN_ARGS ?=
 train: venv
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) \
-		launch/train.py --config configs/demo.yaml $(TRAIN_ARGS)
+	set -- $$($(PY) launch/machine_defaults.py) && nproc=$${1:?launch/machine_defaults.py printed nothing} && shift && \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m torch.distributed.run --standalone \
+		--nproc_per_node $(or $(NPROC),$$nproc) launch/train.py --config configs/demo.yaml "$$@" $(TRAIN_ARGS)
+
+# On a machine with one CUDA GPU: kernels, GPU tests, scan/training/throughput/longest-sequence checks -> gpu_check.json
+# (see BENCHMARKS.md). Exits 2 at once without a CUDA device.
+gpu-check: venv
+	PYTHON=$(PY) bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

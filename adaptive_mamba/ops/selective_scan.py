@@ -17,6 +17,8 @@ pure-torch scan. `selective_scan_ref` is the plain per-step reference the tests 
 """
 from __future__ import annotations
 
+import functools
+import re
 from typing import Optional
 
 import torch
@@ -171,14 +173,12 @@ class _SelectiveScanCUDA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):  # type: ignore[override]
-        import selective_scan_cuda  # compiled extension shipped by mamba-ssm; imported lazily
-
         squeeze = (B.dim() == 3, C.dim() == 3)
         B = (B.unsqueeze(1) if squeeze[0] else B).contiguous()
         C = (C.unsqueeze(1) if squeeze[1] else C).contiguous()
         u, delta = u.contiguous(), delta.contiguous()
         z = None if z is None else z.contiguous()
-        out, x, *rest = _call_cuda(selective_scan_cuda.fwd, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        out, x, *rest = _cuda_extension().fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         out_final = rest[0] if z is not None else out
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out)
         ctx.softplus, ctx.squeeze = delta_softplus, squeeze
@@ -188,24 +188,41 @@ class _SelectiveScanCUDA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlast):  # type: ignore[override]
-        import selective_scan_cuda
-
         u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = _call_cuda(
-            selective_scan_cuda.bwd, u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), x,
-            out if z is not None else None, None, ctx.softplus, False)
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = _cuda_extension().bwd(
+            u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), x, out if z is not None else None, None,
+            ctx.softplus, False)
         dB = dB.squeeze(1) if ctx.squeeze[0] else dB
         dC = dC.squeeze(1) if ctx.squeeze[1] else dC
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, rest[0] if z is not None else None,
                 ddelta_bias if delta_bias is not None else None, None)
 
 
-def _call_cuda(fn, *args):
-    """mamba-ssm >= 2.3 takes a trailing cu_seqlens argument; older builds do not."""
-    try:
-        return fn(*args, None)
-    except TypeError:
-        return fn(*args)
+# Positional arity of selective_scan_cuda's entry points as mamba-ssm 2.3.2.post1 defines them
+# (csrc/selective_scan/selective_scan.cpp): fwd(u, delta, A, B, C, D?, z?, delta_bias?, delta_softplus) and
+# bwd(u, delta, A, B, C, D?, z?, delta_bias?, dout, x?, out?, dz?, delta_softplus, recompute_out_z); no cu_seqlens.
+CUDA_ARITY = {"fwd": 9, "bwd": 14}
+
+
+@functools.cache
+def _cuda_extension():
+    """mamba-ssm's compiled `selective_scan_cuda`, imported lazily, after checking that its entry points take the
+    arguments we pass (pybind11 writes them into each function's docstring as arg0..argN)."""
+    import selective_scan_cuda
+
+    check_cuda_signature(selective_scan_cuda)
+    return selective_scan_cuda
+
+
+def check_cuda_signature(ext) -> None:
+    """Raise a clear error when a selective_scan_cuda build's fwd/bwd take other arguments than mamba-ssm 2.x's."""
+    for name, arity in CUDA_ARITY.items():
+        doc = (getattr(ext, name).__doc__ or "").splitlines()
+        found = len(re.findall(r"\barg\d+:", doc[0])) if doc else -1
+        if found != arity:
+            raise RuntimeError(f"selective_scan_cuda.{name} takes {found} arguments, our dispatch passes {arity} "
+                               f"(mamba-ssm 2.x): install a matching build, e.g. pip install mamba-ssm==2.3.2.post1 "
+                               f"(signature seen: {doc[0] if doc else 'none'})")
 
 
 def cuda_kernel_available() -> bool:
@@ -241,7 +258,11 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         raise ValueError("selective_scan: only input-dependent B and C are supported, with shapes (batch, N, L) "
                          f"or (batch, G, N, L); got B {tuple(B.shape)} and C {tuple(C.shape)}")
     if u.is_cuda and cuda_kernel_available():
-        out, last = _SelectiveScanCUDA.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        # the kernel checks dtypes: delta, B, C, z in u's dtype (bf16 under autocast), A, D, delta_bias in float32
+        delta, B, C = delta.to(u.dtype), B.to(u.dtype), C.to(u.dtype)
+        z = None if z is None else z.to(u.dtype)
+        D, delta_bias = (None if t is None else t.float() for t in (D, delta_bias))
+        out, last = _SelectiveScanCUDA.apply(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus)
         if initial_state is not None:
             dt = _prepare_delta(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
             y0, h_extra = _initial_state_correction(dt, A, C, z, initial_state)

@@ -1,13 +1,20 @@
-"""Process-group helpers: start, all-reduce, broadcast decisions, and a clean shutdown.
+"""Process groups and the collectives of the training loop: start, reduce, broadcast, barrier, shut down.
 
-The launcher (deepspeed, torchrun, srun or plain python) decides the topology; `launch/train.py`
-reads it from the environment into a `DistContext` and passes it here, so the library never reads
-environment variables. A single process still gets a (world size 1) process group, so DeepSpeed
-and every collective below run the same code path at any scale.
+The only module that talks to torch.distributed (DeepSpeed runs its own collectives on the default group).
 
-Shutdown follows DESIGN.md: torch 2.13 with gloo aborts at exit in about 1 run of 4 unless the
-model and optimizer are deleted, `gc.collect()` runs, all ranks meet at a barrier and only then
-the process group is destroyed.
+Two groups: the default one (nccl on GPUs, gloo on CPU) belongs to DeepSpeed; next to it a gloo side group
+carries our statistics, flags and decisions as CPU tensors (the torchtitan/Megatron pattern). NCCL accepts
+CUDA tensors only and our statistics are float64 CPU sums, so every helper below copies its tensors to the CPU
+and uses the side group, whatever device the caller's tensors are on. The side group exists at every scale,
+so the CPU tests run the same code path as the GPUs.
+
+The launcher (deepspeed, torchrun, srun or plain python) decides the topology; `launch/train.py` reads it from
+the environment into a `DistContext` and passes it here, so the library never reads environment variables. A
+single process still gets a (world size 1) process group, so DeepSpeed runs the same code path at any scale.
+
+Shutdown follows DESIGN.md: torch 2.13 with gloo aborts at exit in about 1 run of 4 unless the model and
+optimizer are deleted, `gc.collect()` runs, all ranks meet at a barrier and only then the process group is
+destroyed.
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+_side_group: Optional[dist.ProcessGroup] = None     # gloo group for CPU statistics (created by init_distributed)
 
 
 @dataclass(frozen=True)
@@ -36,9 +45,14 @@ class DistContext:
         return self.rank == 0
 
     def device(self) -> torch.device:
-        if torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
+        """cuda:local_rank on a GPU machine (an error if that GPU does not exist), else the CPU."""
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        if self.local_rank >= count:
+            raise ValueError(f"LOCAL_RANK {self.local_rank} but this node has {count} GPU(s): start at most "
+                             f"{count} process(es) per node (e.g. `make train` uses one per GPU, or NPROC={count})")
+        return torch.device("cuda", self.local_rank)
 
 
 def free_port() -> int:
@@ -48,64 +62,88 @@ def free_port() -> int:
 
 
 def init_distributed(ctx: DistContext, timeout_s: float = 1800.0) -> None:
-    """Create the default process group (nccl on GPU, gloo on CPU) and hand it to DeepSpeed."""
+    """Create the default process group (nccl on GPU, gloo on CPU), hand it to DeepSpeed, and create the gloo
+    side group for statistics."""
+    global _side_group
+    device = ctx.device()
     if not dist.is_initialized():
         if ctx.world_size > 1 and ctx.master_port == 0:
             raise ValueError("MASTER_PORT is required when WORLD_SIZE > 1 (set by deepspeed/torchrun/srun)")
         port = ctx.master_port or free_port()
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(ctx.local_rank)
-        dist.init_process_group(backend, init_method=f"tcp://{ctx.master_addr}:{port}", rank=ctx.rank,
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://{ctx.master_addr}:{port}", rank=ctx.rank,
                                 world_size=ctx.world_size, timeout=timedelta(seconds=timeout_s))
+    if _side_group is None:
+        _side_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
 
 
+def _multi_rank() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _group() -> dist.ProcessGroup:
+    if _side_group is None:
+        raise RuntimeError("collective before init_distributed(): the gloo side group for statistics does not exist")
+    return _side_group
+
+
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_group())
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Sum each tensor across ranks (in place on a CPU copy, so float64 statistics work under gloo)."""
+    """Each tensor summed across ranks, returned as a new tensor on the input's device and dtype (the reduction
+    runs on a CPU copy on the gloo side group, so float64 statistics work under any default backend)."""
     out = []
     for t in tensors:
-        buf = t.detach().to("cuda" if t.is_cuda else "cpu").clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        buf = t.detach().to("cpu", copy=True)
+        if _multi_rank():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=_group())
         out.append(buf.to(t.device))
     return out
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (stop requests, non-finite losses)."""
+    return all_reduce_max(1.0 if flag else 0.0) > 0
+
+
 def all_reduce_max(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if _multi_rank():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_group())
     return float(t.item())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s `obj` on every rank (pickled); used for the pillars' decisions."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not _multi_rank():
         return obj
     box = [obj if dist.get_rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_group())
     return box[0]
 
 
 def all_gather_object(obj: Any) -> list[Any]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    """Every rank's `obj`, in rank order."""
+    if not _multi_rank():
         return [obj]
     out: list[Optional[Any]] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_group())
     return out
 
 
 def shutdown() -> None:
-    """Collect garbage, meet at a barrier, destroy the process group. Callers drop their engine/model first."""
+    """Collect garbage, meet at a barrier, destroy every process group. Callers drop their engine/model first."""
+    global _side_group
     gc.collect()
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
+    _side_group = None

@@ -117,16 +117,19 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
 
 def permute_engine_params(engine, plan: Iterable[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]) -> None:
     """Rewrite each named parameter as `fn(parameter)` (a channel permutation), together with its fp32 master copy
-    and its Adam moments (exp_avg, exp_avg_sq), consistently at every ZeRO stage. A collective: all ranks call it
-    with the same plan."""
+    and its Adam moments (exp_avg, exp_avg_sq), consistently at every ZeRO stage, through DeepSpeed's public
+    safe_get/safe_set API (GatheredParameters for the ZeRO-3 working copy). Call it after at least one optimizer
+    step of this engine, when the moments exist (the pillars refresh only after steps). A collective: all ranks
+    call it with the same plan."""
     from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                                  safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
     params = dict(engine.module.named_parameters())
     base_opt = getattr(engine.optimizer, "optimizer", engine.optimizer)   # the torch optimizer under any wrapper
     if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
-        # ZeRO-1/2 and bf16 link each parameter to its Adam-moment fragments once, at the first step, and never
-        # again: a group whose state appeared later would be invisible to safe_get_full_optimizer_state. Relink.
+        # The one private access, justified: ZeRO-1/2 and the bf16 optimizer link parameters to their Adam-moment
+        # fragments once, after the first step, and a partition whose moments appeared later stays unlinked (2 ranks,
+        # ZeRO-2: "exp_avg not found in optimizer state fragment"); DeepSpeed has no public call that relinks.
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
     for name, fn in plan:
@@ -148,9 +151,4 @@ def permute_engine_params(engine, plan: Iterable[tuple[str, Callable[[torch.Tens
         shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
         safe_set_full_fp32_param(p, fn(master.reshape(shape)))
         for key in ("exp_avg", "exp_avg_sq"):
-            try:
-                moment = safe_get_full_optimizer_state(p, key)
-            except (KeyError, AttributeError, TypeError):
-                moment = None                          # before the first optimizer step there are no moments
-            if moment is not None:
-                safe_set_full_optimizer_state(p, fn(moment.reshape(shape)), key)
+            safe_set_full_optimizer_state(p, fn(safe_get_full_optimizer_state(p, key).reshape(shape)), key)

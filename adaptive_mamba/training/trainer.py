@@ -30,7 +30,7 @@ from adaptive_mamba.training import checkpointing as ckpt
 from adaptive_mamba.training.adaptation import PillarController
 from adaptive_mamba.training.config import TrainConfig
 from adaptive_mamba.training.data_setup import make_sampler, prepare_shards
-from adaptive_mamba.training.distributed import DistContext, all_gather_object, all_reduce_sum, barrier
+from adaptive_mamba.training.distributed import DistContext, all_gather_object, all_reduce_sum, any_rank, barrier
 from adaptive_mamba.training.engine import build_engine, full_state_dict, load_ds_config, zero_stage
 from adaptive_mamba.training.monitoring import Monitor, peak_memory_mb
 
@@ -226,8 +226,7 @@ class Trainer:
             batch = self._batch(self.step * cfg.grad_accum_steps + j)
             ce, reg = self.engine(batch["input_ids"], batch["labels"])
             loss = ce + reg
-            finite = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], dtype=torch.float64)
-            if all_reduce_sum([finite])[0].item() > 0:
+            if any_rank(not torch.isfinite(loss.detach()).item()):
                 self._fail_non_finite(float(loss.detach()))
             self.engine.backward(loss)
             self.engine.step()
@@ -288,8 +287,7 @@ class Trainer:
                 self._eval_and_log()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                 last_ckpt = self.save()
-            stop = torch.tensor([1.0 if self.stop_requested() else 0.0], dtype=torch.float64)
-            if all_reduce_sum([stop])[0].item() > 0:
+            if any_rank(self.stop_requested()):
                 status = "preempted"
                 break
         if status == "completed":
