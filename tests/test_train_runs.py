@@ -260,3 +260,76 @@ def test_long_sequence_16k_with_activation_checkpointing(tmp_path: Path, data_di
     assert "seq_len 16384, activation checkpointing on" in proc.stdout
     rows = metrics(out)
     assert sorted(rows) == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows.values())
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def sigterm_like_a_scheduler(proc: subprocess.Popen, out: Path, after_steps: int = 2) -> None:
+    """Once `after_steps` steps are logged, SIGTERM every process of the run: W&B's service first (its loss used to
+    make the next `run.log` raise), then the launcher and the ranks."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len(metrics(out)) >= after_steps:
+            break
+        time.sleep(0.2)
+    tree = _process_tree(proc.pid)
+    services = [pid for pid in tree if _comm(pid).startswith("wandb-core")]
+    if proc.poll() is not None or not services:
+        for pid in tree:
+            os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"the run ended before the signal, or has no wandb-core: {[(p, _comm(p)) for p in tree]}")
+    for pid in services + [pid for pid in tree if pid not in services]:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_with_wandb_saves_and_exits_99(tmp_path: Path, data_dir: Path, nproc: int) -> None:
+    """scancel/preemption SIGTERMs every process, W&B's service included: the checkpoint is still written (before
+    anything touches W&B), the exit status is 99 (through launch/run.py under torchrun), and the resumed run
+    continues the same W&B run and finishes."""
+    out = tmp_path / "run"
+    args = [f"data_dir={data_dir}", f"output_dir={out}", "deepspeed_config=ds_configs/zero2_fp32.json",
+            "max_steps=40", *TINY, "wandb=true", "wandb_mode=offline", *PILLARS]
+    cmd = _cmd(nproc, args) if nproc == 1 else [PY, "launch/run.py", *_cmd(nproc, args)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sigterm_like_a_scheduler(proc, out)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 99, log[-5000:]
+    assert "preempted at step" in log and "continuing without W&B" in log, log[-5000:]
+    from adaptive_mamba.training.checkpointing import latest_checkpoint, verify_checkpoint
+
+    checkpoint = latest_checkpoint(out)
+    state = verify_checkpoint(checkpoint)                         # complete: every file matches the manifest
+    assert state["step"] == max(metrics(out)) and len(list(checkpoint.glob("rank_*.pt"))) == nproc
+    if nproc == 2:
+        return
+    proc = train(1, [*args, "resume=auto", f"max_steps={state['step'] + 2}"])
+    assert f"resumed from {checkpoint} at step {state['step']}" in proc.stdout
+    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2      # one W&B run, continued

@@ -29,7 +29,7 @@ from adaptive_mamba.model import AdaptiveMambaForCausalLM
 from adaptive_mamba.training import checkpointing as ckpt
 from adaptive_mamba.training.adaptation import PillarController
 from adaptive_mamba.training.config import TrainConfig
-from adaptive_mamba.training.data_setup import make_sampler, prepare_shards
+from adaptive_mamba.training.data_setup import check_tokenizer, make_sampler, prepare_shards
 from adaptive_mamba.training.distributed import DistContext, all_gather_object, all_reduce_sum, barrier
 from adaptive_mamba.training.engine import build_engine, full_state_dict, load_ds_config, zero_stage
 from adaptive_mamba.training.monitoring import Monitor, peak_memory_mb
@@ -122,6 +122,7 @@ class Trainer:
         data_dir = prepare_shards(cfg, ctx)
         self.train_shards = TokenShards(data_dir, "train")
         self.val_shards = TokenShards(data_dir, "val")
+        self.tokenizer_hash = check_tokenizer(self.train_shards, cfg, self.resume_from, resume_state)
         self.sampler = make_sampler(self.train_shards, cfg, ctx, train=True)
         self.val_sampler = make_sampler(self.val_shards, cfg, ctx, train=False) if len(self.val_shards) else None
         self.micro_per_epoch = self.sampler.steps_per_epoch(0)
@@ -270,38 +271,47 @@ class Trainer:
         return None if sums[1] == 0 else float(sums[0] / sums[1])
 
     def run(self) -> RunResult:
-        """Train to total_steps (or until a stop request), with refreshes, evals and checkpoints."""
+        """Train to total_steps (or until a stop request), with refreshes, evals and checkpoints.
+
+        Each step's collectives (pillar refreshes, eval, the stop vote, a checkpoint) come before its metrics are
+        logged, so on a stop request the checkpoint is on disk before anything touches W&B."""
         cfg, mon = self.cfg, self.monitor
-        if self.step == 0:
-            self._eval_and_log()
-        elif self.step >= self.total_steps:
+        if self.step >= self.total_steps:
             mon.info(f"the run in {self.output_dir} already reached step {self.step} of {self.total_steps}: nothing to "
-                     "train (raise max_steps to continue, or use a new output_dir / resume=none to start over)")
+                     "train; summary.json and the checkpoints are left as they are (raise max_steps to continue, or "
+                     "use a new output_dir / resume=none to start over)")
+            return RunResult("completed", self.step, str(self.resume_from))
+        if self.step == 0:
+            self._log_eval(self._evaluate_and_inspect())
         status, last_ckpt = "completed", None
         window_t, window_tokens = time.perf_counter(), 0
         while self.step < self.total_steps:
             rec = self.train_step()
             self.history.append(rec)
             window_tokens += rec.tokens
-            self._after_step(rec)
+            events = self.pillars.maybe_refresh(self, rec.step)
+            if self.cfg.verify_ranks and events.get("decisions"):
+                self.verify_ranks("+".join(events["decisions"]))
+            evaluation = None
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                self._eval_and_log()
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                evaluation = self._evaluate_and_inspect()
+            stop = all_reduce_sum([torch.tensor([float(self.stop_requested())], dtype=torch.float64)])[0].item() > 0
+            if stop or (cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps):
                 last_ckpt = self.save()
-            stop = torch.tensor([1.0 if self.stop_requested() else 0.0], dtype=torch.float64)
-            if all_reduce_sum([stop])[0].item() > 0:
+            self._log_step(rec, events)
+            self._log_eval(evaluation)
+            if stop:
                 status = "preempted"
                 break
-        if status == "completed":
-            self._eval_and_log()
-            if self.cfg.verify_ranks:
-                self.verify_ranks("end")
-        elapsed = time.perf_counter() - window_t
-        last_ckpt = self.save()
         if status == "preempted":
             mon.info(f"preempted at step {self.step}: checkpoint saved to {last_ckpt}; rerun with resume=auto "
                      f"(exit status {EXIT_PREEMPTED})")
             return RunResult(status, self.step, str(last_ckpt))
+        self._log_eval(self._evaluate_and_inspect())
+        if self.cfg.verify_ranks:
+            self.verify_ranks("end")
+        elapsed = time.perf_counter() - window_t
+        last_ckpt = self.save()
         summary = self._summary(elapsed, window_tokens, last_ckpt)
         if cfg.export_at_end:
             summary["export_dir"] = str(self.export())
@@ -311,25 +321,22 @@ class Trainer:
         mon.info(summary["text"])
         return RunResult(status, self.step, str(last_ckpt), summary)
 
-    def _after_step(self, rec: StepRecord) -> None:
-        """Pillar refreshes, metrics, progress bar, log line."""
-        events = self.pillars.maybe_refresh(self, rec.step)
-        if self.cfg.verify_ranks and events.get("decisions"):
-            self.verify_ranks("+".join(events["decisions"]))
+    def _log_step(self, rec: StepRecord, events: dict[str, Any]) -> None:
+        """Metrics (metrics.jsonl, W&B), pillar tables and lines, progress bar, log line."""
         tok_s = rec.tokens / max(rec.seconds, 1e-9)
         metrics = {"train/loss": rec.loss, "train/ce": rec.ce, "train/regularizer": rec.reg, "train/lr": rec.lr,
                    "train/grad_norm": rec.grad_norm, "perf/tokens_per_s": tok_s,
                    "perf/peak_memory_mb": peak_memory_mb(), "perf/step_seconds": rec.seconds}
         metrics.update(events.get("metrics", {}))
+        if self.ctx.is_main:
+            with self._metrics_file.open("a") as f:
+                f.write(json.dumps({"step": rec.step, "loss": rec.loss, "ce": rec.ce, "reg": rec.reg, "lr": rec.lr,
+                                    "grad_norm": rec.grad_norm, "tokens_per_s": tok_s}) + "\n")
         self.monitor.log(metrics, step=rec.step)
         for table in events.get("tables", []):
             self.monitor.log_table(*table, step=rec.step)
         for line in events.get("lines", []):
             self.monitor.info(line)
-        if self.ctx.is_main:
-            with self._metrics_file.open("a") as f:
-                f.write(json.dumps({"step": rec.step, "loss": rec.loss, "ce": rec.ce, "reg": rec.reg, "lr": rec.lr,
-                                    "grad_norm": rec.grad_norm, "tokens_per_s": tok_s}) + "\n")
         self.monitor.advance(rec.step, rec.loss, tok_s)
         if rec.step % self.cfg.log_every == 0 or rec.step == self.total_steps:
             self.monitor.info(f"step {rec.step}/{self.total_steps} loss {rec.loss:.4f} (ce {rec.ce:.4f} + reg "
@@ -356,15 +363,21 @@ class Trainer:
             raise RuntimeError(f"ranks diverged after {tag} at step {self.step}: parameter/pillar digests {digests}")
         return digests[0]
 
-    def _eval_and_log(self) -> None:
+    def _evaluate_and_inspect(self) -> Optional[tuple[int, float, dict[str, Any]]]:
+        """(step, validation loss, pillar report) now (collective), recorded in self.evals; None without val data."""
         loss = self.evaluate()
         if loss is None:
-            return
+            return None
         self.evals.append((self.step, loss))
-        report = self.pillars.inspect(self)
+        return self.step, loss, self.pillars.inspect(self)
+
+    def _log_eval(self, evaluation: Optional[tuple[int, float, dict[str, Any]]]) -> None:
+        if evaluation is None:
+            return
+        step, loss, report = evaluation
         self.monitor.log({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50)), **report["metrics"]},
-                         step=self.step)
-        self.monitor.info(f"eval at step {self.step}: loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})"
+                         step=step)
+        self.monitor.info(f"eval at step {step}: loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})"
                           + (f"; {report['line']}" if report.get("line") else ""))
 
     # ------------------------------------------------------------------------------------ checkpoints
@@ -372,7 +385,8 @@ class Trainer:
         """A complete checkpoint of this step (collective)."""
         trainer_state = {"step": self.step, "total_steps": self.total_steps, "data": self.sampler.state_dict(),
                          "pillars": self.pillars.state_dict(), "config": self.cfg.to_dict(),
-                         "evals": self.evals, "world_size": self.ctx.world_size}
+                         "evals": self.evals, "world_size": self.ctx.world_size,
+                         "tokenizer_sha256": self.tokenizer_hash}
         rank_state = {"rng": ckpt.rng_state(), "pillars": self.pillars.rank_state_dict()}
         path = ckpt.save_checkpoint(self.engine, self.output_dir, self.step, trainer_state, rank_state,
                                     self.ctx.rank, self.cfg.keep_last)
