@@ -10,8 +10,10 @@ otherwise raise at exit) and continues without W&B; metrics.jsonl and checkpoint
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import resource
 import sys
 import uuid
@@ -130,3 +132,16 @@ def _run_id(wandb_dir: Path) -> str:
     run_id = uuid.uuid4().hex[:12]
     path.write_text(run_id + "\n")
     return run_id
+
+
+def resume_history(path: Path, step: int) -> list[dict[str, Any]]:
+    """The rows of a jsonl history (metrics.jsonl, consistency.jsonl) up to `step`, the step a run restarts from;
+    the file is rewritten to hold exactly those rows, so steps replayed after a resume are never recorded twice
+    (a fresh run, step 0, starts an empty file)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = [r for r in rows if r["step"] <= step]
+    if path.is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+    return rows

@@ -11,6 +11,7 @@ on every rank (see `adaptation.py`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import hashlib
 import json
@@ -32,7 +33,7 @@ from adaptive_mamba.training.config import TrainConfig
 from adaptive_mamba.training.data_setup import check_tokenizer, make_sampler, prepare_shards
 from adaptive_mamba.training.distributed import DistContext, all_gather_object, all_reduce_sum, barrier
 from adaptive_mamba.training.engine import build_engine, full_state_dict, load_ds_config, zero_stage
-from adaptive_mamba.training.monitoring import Monitor, peak_memory_mb
+from adaptive_mamba.training.monitoring import Monitor, peak_memory_mb, resume_history
 
 EXIT_PREEMPTED = 99
 
@@ -80,6 +81,12 @@ class RunResult:
     step: int
     checkpoint: Optional[str]
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _grad_norm(module: nn.Module) -> float:
+    """L2 norm of the (already all-reduced) gradients before clipping, as ZeRO-1/2/3 report it."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -147,6 +154,10 @@ class Trainer:
         self.monitor = Monitor(ctx.is_main, self.output_dir, self.total_steps, self.step, self.wandb_mode,
                                cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict(), cfg.progress_bar)
         self._metrics_file = self.output_dir / "metrics.jsonl"
+        if ctx.is_main:    # the whole run's history, also across resumes (exactly one row per step)
+            resume_history(self.output_dir / "consistency.jsonl", self.step)
+            self.history = [StepRecord(**{k: r.get(k, 0) for k in StepRecord.__dataclass_fields__})
+                            for r in resume_history(self._metrics_file, self.step)]
         mode = "fine-tune from " + cfg.init_from if cfg.init_from else "from scratch"
         model = self.module.model
         self.monitor.info(
@@ -223,14 +234,19 @@ class Trainer:
         self._set_lr(lr)
         self.pillars.on_step_begin(self.module.model, self.step)
         sums = torch.zeros(4, dtype=torch.float64)        # ce, reg, tokens, non-finite count
+        own_norm = None
         for j in range(cfg.grad_accum_steps):
             batch = self._batch(self.step * cfg.grad_accum_steps + j)
-            ce, reg = self.engine(batch["input_ids"], batch["labels"])
-            loss = ce + reg
-            finite = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], dtype=torch.float64)
-            if all_reduce_sum([finite])[0].item() > 0:
-                self._fail_non_finite(float(loss.detach()))
-            self.engine.backward(loss)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(self._noise_seed(j))
+                ce, reg = self.engine(batch["input_ids"], batch["labels"])
+                loss = ce + reg
+                finite = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], dtype=torch.float64)
+                if all_reduce_sum([finite])[0].item() > 0:
+                    self._fail_non_finite(float(loss.detach()))
+                self.engine.backward(loss)
+            if j == cfg.grad_accum_steps - 1 and zero_stage(self.ds_config) == 0:
+                own_norm = _grad_norm(self.module)    # DeepSpeed reports no norm for a plain torch optimizer
             self.engine.step()
             sums += torch.tensor([float(ce.detach()), float(reg.detach()),
                                   float((batch["labels"][:, 1:] != -100).sum()), 0.0], dtype=torch.float64)
@@ -238,10 +254,20 @@ class Trainer:
         sums = all_reduce_sum([sums])[0]
         n = cfg.grad_accum_steps * self.ctx.world_size
         norm = self.engine.get_global_grad_norm()
+        norm = own_norm if norm is None else norm
         ce_mean, reg_mean = sums[0].item() / n, sums[1].item() / n
         return StepRecord(self.step, ce_mean + reg_mean, ce_mean, reg_mean, lr,
                           float(norm) if norm is not None else float("nan"), int(sums[2].item()),
                           time.perf_counter() - t0)
+
+    def _noise_seed(self, micro: int) -> int:
+        """The seed of every random draw (mask noise) of micro-batch `micro` of this step on this rank: a function of
+        (seed, step, slot) alone, so evaluation, reports and refreshes between steps never shift it, at any ZeRO
+        stage and across a resume. The slot rank * grad_accum_steps + micro names the micro-batch's place in the
+        step's global batch: 2 ranks draw what 1 process with twice the accumulation draws."""
+        slot = self.ctx.rank * self.cfg.grad_accum_steps + micro
+        digest = hashlib.sha256(f"mask-noise/{self.cfg.seed}/{self.step}/{slot}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1
 
     def _fail_non_finite(self, loss: float) -> None:
         good = ckpt.latest_checkpoint(self.output_dir)
@@ -284,11 +310,9 @@ class Trainer:
         if self.step == 0:
             self._log_eval(self._evaluate_and_inspect())
         status, last_ckpt = "completed", None
-        window_t, window_tokens = time.perf_counter(), 0
         while self.step < self.total_steps:
             rec = self.train_step()
             self.history.append(rec)
-            window_tokens += rec.tokens
             events = self.pillars.maybe_refresh(self, rec.step)
             if self.cfg.verify_ranks and events.get("decisions"):
                 self.verify_ranks("+".join(events["decisions"]))
@@ -310,9 +334,8 @@ class Trainer:
         self._log_eval(self._evaluate_and_inspect())
         if self.cfg.verify_ranks:
             self.verify_ranks("end")
-        elapsed = time.perf_counter() - window_t
         last_ckpt = self.save()
-        summary = self._summary(elapsed, window_tokens, last_ckpt)
+        summary = self._summary(last_ckpt)
         if cfg.export_at_end:
             summary["export_dir"] = str(self.export())
         mon.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
@@ -330,8 +353,7 @@ class Trainer:
         metrics.update(events.get("metrics", {}))
         if self.ctx.is_main:
             with self._metrics_file.open("a") as f:
-                f.write(json.dumps({"step": rec.step, "loss": rec.loss, "ce": rec.ce, "reg": rec.reg, "lr": rec.lr,
-                                    "grad_norm": rec.grad_norm, "tokens_per_s": tok_s}) + "\n")
+                f.write(json.dumps({**dataclasses.asdict(rec), "tokens_per_s": tok_s}) + "\n")
         self.monitor.log(metrics, step=rec.step)
         for table in events.get("tables", []):
             self.monitor.log_table(*table, step=rec.step)
@@ -436,8 +458,10 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------------------------------- summary
-    def _summary(self, elapsed: float, tokens: int, checkpoint: Path) -> dict[str, Any]:
+    def _summary(self, checkpoint: Path) -> dict[str, Any]:
+        """The whole run (every segment of a resumed run): tokens and seconds are summed over its optimizer steps."""
         first, last = (self.history[0], self.history[-1]) if self.history else (None, None)
+        tokens, elapsed = sum(h.tokens for h in self.history), sum(h.seconds for h in self.history)
         tok_s = tokens / max(elapsed, 1e-9)
         report = self.pillars.final_report(self)
         summary: dict[str, Any] = {
