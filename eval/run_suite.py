@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = score_prediction_file(args.predictions, cfg)
     else:
         from adaptive_mamba import AdaptiveMambaForCausalLM
-        from adaptive_mamba.tokenizer import load_tokenizer
+        from adaptive_mamba.tokenizer import check_same_tokenizer, load_tokenizer, saved_tokenizer_hash
 
         # Decayed recurrent states become denormal floats, which are 30-100x slower on x86 CPUs.
         torch.set_flush_denormal(True)
@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
         model = AdaptiveMambaForCausalLM.from_pretrained(args.model)
         model.to(device=device, dtype=getattr(torch, args.dtype))
         tokenizer = load_tokenizer(args.tokenizer or args.model)
+        if args.tokenizer:        # a tokenizer other than the model's own: it must be the same one
+            check_same_tokenizer(tokenizer.content_hash(), saved_tokenizer_hash(args.model), f"the model {args.model}",
+                                 f"--tokenizer {args.tokenizer}")
         results, predictions = run_suite(model, tokenizer, cfg, str(args.model), args.out.parent)
         results["settings"].update(device=str(device), dtype=args.dtype, tokenizer=tokenizer.name)
     paths = write_results(results, args.out, predictions)

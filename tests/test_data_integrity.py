@@ -84,3 +84,23 @@ def test_tokenizer_content_hash(stdlib_out: Path, books_out: Path, tmp_path: Pat
 def test_neox_hash_is_stable_across_save(neox_tokenizer_dir: Path, tmp_path: Path) -> None:
     tok = load_tokenizer(neox_tokenizer_dir)
     assert saved_tokenizer_hash(tok.save(tmp_path / "neox")) == tok.content_hash()
+
+
+def test_eval_refuses_a_tokenizer_other_than_the_models(stdlib_out: Path, books_out: Path, shared_data: Path,
+                                                        tmp_path: Path) -> None:
+    import sys
+
+    import torch
+
+    from adaptive_mamba import AdaptiveMambaForCausalLM
+    from adaptive_mamba.config import AdaptiveMambaConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+    import run_suite
+
+    torch.manual_seed(0)
+    AdaptiveMambaForCausalLM(AdaptiveMambaConfig(d_model=16, n_layer=1, vocab_size=512)).save_pretrained(tmp_path)
+    load_tokenizer(stdlib_out / "tokenizer").save(tmp_path)
+    with pytest.raises(TokenizerMismatchError, match=f"the model {tmp_path} was made with a different tokenizer"):
+        run_suite.main(["--model", str(tmp_path), "--tokenizer", str(books_out / "tokenizer"), "--tasks", "wikitext",
+                        "--data-dir", str(shared_data), "--out", str(tmp_path / "results.json")])

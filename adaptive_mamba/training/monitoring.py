@@ -59,9 +59,12 @@ class Monitor:
             self.wandb_dir = Path(output_dir).resolve()
             self.wandb_dir.mkdir(parents=True, exist_ok=True)
             self.run_id = _run_id(self.wandb_dir)
-            self._wandb(lambda: setattr(self, "run", wandb.init(
-                project=project, name=run_name, config=config, dir=str(self.wandb_dir), mode=wandb_mode,
-                resume="allow", id=self.run_id)), "init")
+
+            def start() -> None:      # the same run id on every resume: the W&B run continues
+                self.run = wandb.init(project=project, name=run_name, config=config, dir=str(self.wandb_dir),
+                                      mode=wandb_mode, resume="allow", id=self.run_id)
+
+            self._wandb(start, "init")
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stderr)
