@@ -282,6 +282,10 @@ class Trainer:
         """Mean validation cross-entropy over eval_batches batches per rank (token-weighted across ranks)."""
         if self.val_sampler is None:
             return None
+        collector = self.pillars.collector if self.pillars.collector is not None and self.pillars.collector.enabled \
+            else None
+        if collector is not None:
+            collector.disable()     # scan-order statistics come from training batches only
         self.engine.eval()
         sums = torch.zeros(2, dtype=torch.float64)
         n_steps = min(self.cfg.eval_batches, self.val_sampler.steps_per_epoch(0))
@@ -294,6 +298,8 @@ class Trainer:
             sums += torch.tensor([float(ce) * count, count], dtype=torch.float64)
         sums = all_reduce_sum([sums])[0]
         self.engine.train()
+        if collector is not None:
+            collector.enable()
         return None if sums[1] == 0 else float(sums[0] / sums[1])
 
     def run(self) -> RunResult:
