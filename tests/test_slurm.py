@@ -237,9 +237,9 @@ def test_scancel_sigterm_with_wandb_saves_a_complete_checkpoint(slurm_cluster: S
     assert run.record["JobState"] == "CANCELLED", run.record
     rank0 = (run.rank_logs / "rank-0.log").read_text()
     assert "preempted at step" in rank0, _logs(run)
-    assert "ranks saved a checkpoint (exit status 99)" in run.batch_log.read_text(), _logs(run)
+    # Every rank recorded 99 (the batch shell itself may be SIGKILLed after KillWait before it reports).
     records = sorted(json.loads(p.read_text())["code"] for p in (run.rank_logs / "exit-attempt-1").glob("rank_*.json"))
-    assert records == [99, 99]
+    assert records == [99, 99], _logs(run)
     checkpoint = latest_checkpoint(out)
     state = verify_checkpoint(checkpoint)                 # complete: every file matches its manifest
     assert state["step"] == max(m["step"] for m in read_metrics(out)) >= 3
