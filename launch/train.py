@@ -122,17 +122,19 @@ def main(argv: list[str] | None = None) -> int:
         del trainer
     sys.stdout.flush()
     sys.stderr.flush()
+    exit_with_record(code, message, ctx.rank)      # before the shutdown, which may still abort (DESIGN.md)
     if code not in (0, EXIT_PREEMPTED):
-        os._exit(exit_with_record(code, message, ctx.rank))  # others may be stuck in a collective: leave at once
+        os._exit(code)          # other ranks may be stuck in a collective: no barrier, leave at once
     distributed.shutdown()
-    return exit_with_record(code, message, ctx.rank)
+    return code
 
 
 def exit_with_record(code: int, message: str, rank: int | None = None) -> int:
     """Write this rank's exit record for launch/run.py and slurm/train.sh (when they asked for one); return code."""
     if os.environ.get(EXIT_DIR_ENV):
-        write_record(os.environ[EXIT_DIR_ENV], int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) if rank is None else rank, code,
-                     message)
+        if rank is None:        # the config failed before the topology was read
+            rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+        write_record(os.environ[EXIT_DIR_ENV], rank, code, message)
     return code
 
 
