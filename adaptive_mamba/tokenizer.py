@@ -20,6 +20,7 @@ saved tokenizer reloads with the same `eos_id`/`pad_id` whatever library version
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -60,6 +61,17 @@ class Tokenizer(ABC):
     @abstractmethod
     def _save_files(self, directory: Path) -> str:
         """Write the library's own files into `directory`; return the format name."""
+
+    @abstractmethod
+    def _content(self) -> bytes:
+        """The library's canonical serialisation of the vocabulary and rules (independent of file layout)."""
+
+    def content_hash(self) -> str:
+        """sha256 of what the tokenizer does (vocabulary, merges/scores, normaliser, special ids): two tokenizers
+        with the same vocabulary size but different pieces differ; the same one saved twice does not."""
+        h = hashlib.sha256(type(self).__name__.encode() + self._content())
+        h.update(json.dumps([self.eos_id, self.pad_id]).encode())
+        return h.hexdigest()
 
     def save(self, directory: str | Path) -> Path:
         """Write the files `load_tokenizer(directory)` reads back; returns the directory."""
@@ -103,6 +115,9 @@ class HFTokenizer(Tokenizer):
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def _content(self) -> bytes:
+        return self._tok.to_str().encode()
+
     def _save_files(self, directory: Path) -> str:
         self._tok.save(str(directory / HF_FILE))
         for fname, content in self._side_files.items():
@@ -137,6 +152,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def _content(self) -> bytes:
+        return self._model_bytes
 
     def _save_files(self, directory: Path) -> str:
         (directory / SP_FILE).write_bytes(self._model_bytes)
@@ -219,6 +237,29 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return SentencePieceTokenizer(path if path.is_file() else directory / SP_FILE,
                                       name=info.get("name") or directory.name)
     return _load_hf(directory, info, path if path.is_file() else directory / HF_FILE)
+
+
+class TokenizerMismatchError(ValueError):
+    """Two things that must share a tokenizer (data, checkpoint, model) were made with different ones."""
+
+
+def saved_tokenizer_hash(directory: str | Path) -> str | None:
+    """`content_hash()` of the tokenizer saved in `directory` (or its `tokenizer/` folder), None when it has none."""
+    try:
+        return load_tokenizer(directory).content_hash()
+    except FileNotFoundError:
+        return None
+
+
+def check_same_tokenizer(expected: str, found: str | None, what: str, expected_where: str) -> None:
+    """Raise TokenizerMismatchError unless `found` (the hash of `what`'s tokenizer; None: unknown) is `expected`
+    (the hash of the tokenizer at `expected_where`), whatever the vocabulary sizes."""
+    if found is not None and found != expected:
+        raise TokenizerMismatchError(
+            f"{what} was made with a different tokenizer than {expected_where} (tokenizer content hash "
+            f"{found[:12]} vs {expected[:12]}): token ids would mean different text even if the vocabulary sizes "
+            "match. Tokenise the data with the model's own tokenizer (`python -m data_prep --tokenizer hf:MODEL_DIR`) "
+            "or use a model/checkpoint trained on this tokenizer")
 
 
 def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int,

@@ -19,6 +19,20 @@ from pathlib import Path
 from adaptive_mamba.data import DataPrepConfig, TokenShards, build_shards
 
 
+def _number(kind: type, low: float, low_open: bool = False, high: float | None = None):
+    """An argparse type: a `kind` number >= low (> low when low_open), < high when given; errors name the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if value < low or (low_open and value == low) or (high is not None and value >= high):
+            bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} is invalid: it must be {bound}")
+        return value
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--hf-split", default="train", help="HF dataset split (default: train)")
     src.add_argument("--articles", choices=["auto", "none", "wikitext"], default="auto",
                      help="split WikiText-format text into articles (auto: HF wikitext datasets)")
-    src.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    src.add_argument("--max-mb", type=float, default=None, help="stop after this much text (MB)")
+    src.add_argument("--max-docs", type=_number(int, 1), default=None, help="stop after this many documents")
+    src.add_argument("--max-mb", type=_number(float, 0, low_open=True), default=None, help="stop after this much text (MB)")
     src.add_argument("--on-decode-error", choices=["skip", "error"], default="skip",
                      help="non-UTF-8 inputs: skip and count them (default) or stop with an error")
     tok = p.add_argument_group("tokenizer")
@@ -40,16 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="sentencepiece:VOCAB (train on the training split) | hf:PATH_OR_REPO "
                           "(default: sentencepiece:8192)")
     tok.add_argument("--sp-model-type", choices=["bpe", "unigram"], default="bpe")
-    tok.add_argument("--sp-max-train-mb", type=float, default=200.0,
+    tok.add_argument("--sp-max-train-mb", type=_number(float, 0, low_open=True), default=200.0,
                      help="text used to train SentencePiece (MB, first documents of train)")
     out = p.add_argument_group("shards")
     out.add_argument("--out", required=True, type=Path, help="output folder")
-    out.add_argument("--val-fraction", type=float, default=0.05,
+    out.add_argument("--val-fraction", type=_number(float, 0, high=1), default=0.05,
                      help="fraction of documents held out for validation (default 0.05)")
-    out.add_argument("--shard-mb", type=float, default=64.0, help="text per shard (MB)")
+    out.add_argument("--shard-mb", type=_number(float, 0, low_open=True), default=64.0, help="text per shard (MB)")
     out.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto")
-    out.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
-    out.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    out.add_argument("--workers", type=_number(int, 1), default=1, help="tokenizer worker processes")
+    out.add_argument("--seed", type=_number(int, 0), default=0, help="seed of the train/val split")
     out.add_argument("--overwrite", action="store_true",
                      help="replace shards in --out built from a different corpus/config")
     return p.parse_args(argv)

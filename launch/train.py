@@ -9,7 +9,9 @@ Reads the topology from RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PO
 launchers; SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are used when only Slurm set them); with no
 WORLD_SIZE it runs one process. SIGTERM / SIGUSR1: finish the current optimizer step, save a
 complete checkpoint on all ranks and exit 99 (requeue); normal completion exits 0; errors exit 1
-(bad input: 2).
+(bad input: 2). Each rank also writes that code as an exit record into $ADAPTIVE_MAMBA_EXIT_DIR when
+it is set: launch/run.py and slurm/train.sh read the records, because torchrun and the deepspeed
+launcher turn every failing exit status into 1.
 """
 from __future__ import annotations
 
@@ -26,8 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:          # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-EXIT_PREEMPTED = 99
-EXIT_BAD_INPUT = 2
+from launch.run import EXIT_BAD_INPUT, EXIT_DIR_ENV, EXIT_OTHER, EXIT_PREEMPTED, write_record  # noqa: E402
 
 
 def dist_context_from_env():
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_train_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exit_with_record(EXIT_BAD_INPUT, str(err))
     ctx = dist_context_from_env()
     stop = {"signal": None}
 
@@ -105,25 +106,35 @@ def main(argv: list[str] | None = None) -> int:
     ds_logger.setLevel(logging.WARNING)      # concise output: our own log lines, DeepSpeed's warnings only
     trainer = Trainer(cfg, ctx, wandb_mode_from_env(cfg.wandb_mode, cfg.wandb),
                       stop_requested=lambda: stop["signal"] is not None)
-    code = 0
+    code, message = 0, ""
     try:
         trainer.setup()
         result = trainer.run()
         code = EXIT_PREEMPTED if result.status == "preempted" else 0
     except (ValueError, FileNotFoundError, CheckpointCorruptError, NonFiniteLossError) as err:
         print(f"[rank {ctx.rank}] error: {err}", file=sys.stderr)
-        code = EXIT_BAD_INPUT if not isinstance(err, NonFiniteLossError) else 1
-    except Exception:
+        code, message = (EXIT_BAD_INPUT if not isinstance(err, NonFiniteLossError) else EXIT_OTHER), str(err)
+    except Exception as err:  # noqa: BLE001  (reported, then exit 1)
         traceback.print_exc()
-        code = 1
+        code, message = EXIT_OTHER, f"{type(err).__name__}: {err}"
     finally:
         trainer.close()
         del trainer
     sys.stdout.flush()
     sys.stderr.flush()
+    exit_with_record(code, message, ctx.rank)      # before the shutdown, which may still abort (DESIGN.md)
     if code not in (0, EXIT_PREEMPTED):
-        os._exit(code)      # other ranks may be stuck in a collective: no barrier, leave at once
+        os._exit(code)          # other ranks may be stuck in a collective: no barrier, leave at once
     distributed.shutdown()
+    return code
+
+
+def exit_with_record(code: int, message: str, rank: int | None = None) -> int:
+    """Write this rank's exit record for launch/run.py and slurm/train.sh (when they asked for one); return code."""
+    if os.environ.get(EXIT_DIR_ENV):
+        if rank is None:        # the config failed before the topology was read
+            rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+        write_record(os.environ[EXIT_DIR_ENV], rank, code, message)
     return code
 
 

@@ -22,6 +22,9 @@
 # `scancel --batch --signal=USR1`) is forwarded to the ranks. SIGTERM (scancel, a preemption by
 # Slurm) also makes the ranks save, but then the job is not requeued by this script: Slurm decides.
 # Slurm's KillWait (seconds between SIGTERM and SIGKILL) must leave time for a checkpoint save.
+# W&B's service process gets that SIGTERM too; training carries on without W&B and still saves.
+# Exit status (from the ranks' exit records, see launch/run.py): 0 done, 2 bad input, 99 preempted
+# (checkpoint saved), 1 anything else.
 #
 # Knobs. Allocation: sbatch options or their environment variables (command line wins):
 #   partition -p / SBATCH_PARTITION        account -A / SBATCH_ACCOUNT     time -t / SBATCH_TIMELIMIT
@@ -225,6 +228,12 @@ log "$summary; attempt $((restarts + 1)); rendezvous $MASTER_ADDR:$MASTER_PORT; 
 mkdir -p "$log_dir"
 log "launch: ${srun_cmd[*]}"
 
+# Every rank writes its exit status into this attempt's exit folder (launch/run.py explains the records);
+# they decide the job's status, because srun reports only the highest rank status (1 < 2 < 99).
+exit_dir=$log_dir/exit-attempt-$((restarts + 1))
+rm -rf "$exit_dir"
+export ADAPTIVE_MAMBA_EXIT_DIR=$exit_dir
+
 terminating=0
 srun_pid=""
 # srun forwards SIGUSR1 to every task; a TERM means Slurm is ending the job (the ranks get it too).
@@ -236,9 +245,11 @@ srun_pid=$!
 while kill -0 "$srun_pid" 2>/dev/null; do
     wait "$srun_pid" || true
 done
-status=0
-wait "$srun_pid" || status=$?
+srun_status=0
+wait "$srun_pid" || srun_status=$?
 trap - USR1 TERM
+status=0
+"$python" "$repo/launch/run.py" --combine "$exit_dir" "$srun_status" "$world_size" || status=$?
 
 if ((status == 0)); then
     log "training finished"
@@ -249,7 +260,7 @@ if ((status != PREEMPTED_EXIT)); then
     exit "$status"
 fi
 if ((terminating)); then
-    log "ranks saved a checkpoint; Slurm is ending the job and decides about requeueing"
+    log "ranks saved a checkpoint (exit status $PREEMPTED_EXIT); Slurm is ending the job and decides about requeueing"
     exit "$PREEMPTED_EXIT"
 fi
 max_requeues=${TRAIN_MAX_REQUEUES:-100}

@@ -167,7 +167,7 @@ MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
 JobRequeue=1
-KillWait=5
+KillWait=30
 MinJobAge=600
 SchedulerParameters=sched_interval=2,bf_interval=2
 AccountingStorageType=accounting_storage/none
@@ -223,7 +223,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         ctld = self._procs.get("slurmctld")
         if ctld is not None and ctld.poll() is None:
             self.run("scancel", "--full", "--user=root", check=False, timeout=15)
-            deadline = time.monotonic() + 30      # KillWait is 5 s: SIGTERM, then SIGKILL, then the epilog
+            deadline = time.monotonic() + 60      # KillWait is 30 s (time to save): SIGTERM, SIGKILL, the epilog
             while time.monotonic() < deadline:
                 queue = self.run("squeue", "-h", "-t", "all", "-o", "%T", check=False, timeout=15)
                 if queue.returncode != 0 or not {"RUNNING", "COMPLETING", "CONFIGURING"} & set(queue.stdout.split()):

@@ -91,7 +91,7 @@ def slurm_runs(slurm_cluster: SlurmCluster, token_data: Path,  # noqa: F811
     work = tmp_path_factory.mktemp("slurm-jobs")
     config = work / "tiny.yaml"
     config.write_text(RUN_CONFIG + f"data_dir: {token_data}\n")
-    env = {**os.environ, "TRAIN_LOG_DIR": str(work / "logs"), "WANDB_MODE": "offline",
+    env = {**os.environ, "TRAIN_LOG_DIR": str(work / "logs"), "WANDB_MODE": "offline", "TRAIN_PYTHON": sys.executable,
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
 
     def submit(name: str) -> SlurmRun:
@@ -209,3 +209,38 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted_run(slurm_runs
     # One W&B run continued across the restart (same id in both attempts' offline directories).
     run_id = (run.output_dir / "wandb_run_id.txt").read_text().strip()
     assert len(list((run.output_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_scancel_sigterm_with_wandb_saves_a_complete_checkpoint(slurm_cluster: SlurmCluster, token_data: Path,  # noqa: F811
+                                                                 tmp_path: Path) -> None:
+    """`scancel JOB` sends SIGTERM to every process of the job, W&B's service included (KillWait=30 s later,
+    SIGKILL): the ranks still save a complete checkpoint, and the exit records give 99."""
+    from adaptive_mamba.training.checkpointing import latest_checkpoint, verify_checkpoint
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(RUN_CONFIG.replace(f"max_steps: {MAX_STEPS}", "max_steps: 200") + f"data_dir: {token_data}\n")
+    out = tmp_path / "cancelled"
+    env = {**os.environ, "TRAIN_LOG_DIR": str(tmp_path / "logs"), "WANDB_MODE": "offline", "TRAIN_PYTHON": sys.executable,
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+    job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--job-name=cancelled", f"--chdir={tmp_path}",
+                                  f"--output={tmp_path}/%x-%j.out", "--time=10", str(REPO / "slurm" / "train.sh"),
+                                  "--config", str(config), f"output_dir={out}", env=env, cwd=REPO)
+    run = SlurmRun(job_id, "cancelled", out, tmp_path / f"cancelled-{job_id}.out", tmp_path / "logs" / f"cancelled-{job_id}",
+                   {})
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while len(read_metrics(out)) < 3:
+        assert slurm_cluster.job(job_id)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), _logs(run)
+        assert time.monotonic() < deadline, f"no training progress in {JOB_TIMEOUT_S} s: {_logs(run)}"
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", str(job_id))
+    run.record = slurm_cluster.wait_until_finished(job_id, timeout=120)
+    assert run.record["JobState"] == "CANCELLED", run.record
+    rank0 = (run.rank_logs / "rank-0.log").read_text()
+    assert "preempted at step" in rank0, _logs(run)
+    # Every rank recorded 99 (the batch shell itself may be SIGKILLed after KillWait before it reports).
+    records = sorted(json.loads(p.read_text())["code"] for p in (run.rank_logs / "exit-attempt-1").glob("rank_*.json"))
+    assert records == [99, 99], _logs(run)
+    checkpoint = latest_checkpoint(out)
+    state = verify_checkpoint(checkpoint)                 # complete: every file matches its manifest
+    assert state["step"] == max(m["step"] for m in read_metrics(out)) >= 3
+    assert sorted(p.name for p in checkpoint.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]

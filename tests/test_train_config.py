@@ -86,3 +86,41 @@ def test_lr_schedule() -> None:
     assert lrs[-1] == pytest.approx(0.1 + 0.45 * (1 + __import__("math").cos(__import__("math").pi * 15 / 16)))
     assert lr_at(100, cfg, 20) == pytest.approx(0.1)
     assert lr_at(7, cfg.replace(lr_schedule="constant"), 20) == 1.0
+
+
+@pytest.mark.parametrize("typed, expected", [
+    ("mask_learning_rate=-1", "command line: mask_learning_rate=-1.0 is invalid: it must be > 0"),
+    ("weight_decay=-0.1", "command line: weight_decay=-0.1 is invalid: it must be >= 0"),
+    ("--peft-r=0", "command line: --peft-r=0 is invalid: it must be >= 1"),
+    ("adam_beta2=1", "command line: adam_beta2=1.0 is invalid: it must be in [0, 1)"),
+    ("eval_batches=0", "command line: eval_batches=0 is invalid: it must be >= 1"),
+    ("masking_tau_final=0", "command line: masking_tau_final=0.0 is invalid: it must be > 0"),
+])
+def test_every_numeric_field_is_validated_by_the_name_typed(typed: str, expected: str) -> None:
+    with pytest.raises(ValueError) as err:
+        load_train_config(None, ["data_source=stdlib", typed])
+    assert str(err.value) == expected
+
+
+def test_config_file_values_are_validated_by_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data_source: stdlib\npeft_r: 2.5\n")
+    with pytest.raises(ValueError, match=rf"^config file {path}: peft_r=2.5 is invalid: it must be an integer$"):
+        load_train_config(path)
+    path.write_text("data_source: stdlib\nlearning_rate: fast\n")
+    with pytest.raises(ValueError, match="learning_rate='fast' is invalid: it must be a number"):
+        load_train_config(path)
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--val-fraction", "1.5", "argument --val-fraction: 1.5 is invalid: it must be >= 0 and < 1"),
+    ("--workers", "0", "argument --workers: 0 is invalid: it must be >= 1"),
+    ("--max-mb", "-2", "argument --max-mb: -2 is invalid: it must be > 0"),
+    ("--shard-mb", "x", "argument --shard-mb: 'x' is not a number"),
+])
+def test_data_prep_cli_errors_name_the_flag(flag: str, value: str, expected: str, capsys) -> None:
+    from data_prep.prepare import parse_args
+
+    with pytest.raises(SystemExit) as err:
+        parse_args(["--out", "x", flag, value])
+    assert err.value.code == 2 and expected in capsys.readouterr().err

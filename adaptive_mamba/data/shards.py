@@ -414,7 +414,7 @@ def _write_metadata(cfg: DataPrepConfig, out: Path, plan: dict, specs: list[_Sha
         "skipped": plan["skipped"], "dtype": dtype.name,
         "tokenizer": {"dir": "tokenizer", "name": tok.name, "vocab_size": tok.vocab_size,
                       "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-                      "sha": _tokenizer_fingerprint(out / "tokenizer")},
+                      "sha": _tokenizer_fingerprint(out / "tokenizer"), "content_sha256": tok.content_hash()},
         "n_tokens": sum(s["n_tokens"] for s in splits.values()), "splits": splits,
         "config": plan["config"],
     }
@@ -424,11 +424,16 @@ def _write_metadata(cfg: DataPrepConfig, out: Path, plan: dict, specs: list[_Sha
     return out
 
 
+class CorruptShardError(ValueError):
+    """A shard file whose bytes differ from metadata.json, or that holds ids outside the tokenizer's range."""
+
+
 class TokenShards:
     """Read-only view of one split: documents as memory-mapped slices of the shard files.
 
     Nothing is loaded up front but the small document index; `doc(i)` returns a numpy view
-    into the memory map, so a 500k-token book costs only the pages actually read.
+    into the memory map, so a 500k-token book costs only the pages actually read, and checks
+    its ids against the tokenizer's range. `verify()` checks whole files against their sha256.
     """
 
     def __init__(self, path: str | Path, split: str = "train") -> None:
@@ -484,11 +489,36 @@ class TokenShards:
         return self._maps[k]
 
     def doc(self, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Tokens [start, stop) of document i (a view into the memory map)."""
+        """Tokens [start, stop) of document i (a view into the memory map), checked against the vocabulary."""
         n = int(self.doc_lengths[i])
         stop = n if stop is None else min(stop, n)
         base = int(self.doc_start[i])
-        return self._map(int(self.doc_shard[i]))[base + start:base + stop]
+        tokens = self._map(int(self.doc_shard[i]))[base + start:base + stop]
+        if tokens.size and int(tokens.max()) >= self.vocab_size:
+            shard = self.path / self._shards[int(self.doc_shard[i])]["file"]
+            raise CorruptShardError(f"{shard}: token id {int(tokens.max())} in document {i} is outside the "
+                                    f"tokenizer's range 0..{self.vocab_size - 1}: the shard is corrupt or was written "
+                                    "with another tokenizer; rebuild it with `python -m data_prep`")
+        return tokens
+
+    def verify(self, cache: dict[str, dict] | None = None) -> dict[str, dict]:
+        """Check every shard file of the split against the sha256 in metadata.json (CorruptShardError naming the
+        file). `cache` maps resolved file paths to the {bytes, mtime_ns, sha256} already verified, so unchanged
+        files are not read again (a resumed run starts at once); the updated cache is returned."""
+        cache = dict(cache or {})
+        for shard in self._shards:
+            path = (self.path / shard["file"]).resolve()
+            st = path.stat()
+            seen = cache.get(str(path))
+            if seen and seen["bytes"] == st.st_size and seen["mtime_ns"] == st.st_mtime_ns \
+                    and seen["sha256"] == shard["bin_sha256"]:
+                continue
+            if file_sha256(path) != shard["bin_sha256"]:
+                raise CorruptShardError(f"shard {path} does not match the sha256 recorded in "
+                                        f"{self.path / 'metadata.json'}: the file is corrupt; rebuild the shards "
+                                        "(`python -m data_prep` with the same arguments) or restore the file")
+            cache[str(path)] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": shard["bin_sha256"]}
+        return cache
 
     def doc_keys(self) -> list[str]:
         """Source keys of the documents (file names, line numbers, ...), in index order."""

@@ -417,11 +417,18 @@ def load_model(model_dir: Path, tokenizer_dir: Path | None = None, device: str |
     """The model (ours, transformers Mamba or state-spaces) and its tokenizer, ready to evaluate.
     The one place the suite and the lm-eval adapter load a model."""
     from ..model import AdaptiveMambaForCausalLM
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import TokenizerMismatchError, check_same_tokenizer, load_tokenizer, saved_tokenizer_hash
 
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    if tokenizer_dir is not None:        # a tokenizer other than the model's own: it must be the same one
+        try:
+            check_same_tokenizer(tokenizer.content_hash(), saved_tokenizer_hash(model_dir), f"the model {model_dir}",
+                                 f"--tokenizer {tokenizer_dir}")
+        except TokenizerMismatchError as err:
+            raise InputError(str(err)) from None
     # Decayed recurrent states become denormal floats, which are 30-100x slower on x86 CPUs.
     torch.set_flush_denormal(True)
     model = AdaptiveMambaForCausalLM.from_pretrained(model_dir)
     model.to(device=torch.device(device) if device else default_device(), dtype=getattr(torch, dtype))
     model.eval()
-    return model, load_tokenizer(tokenizer_dir or model_dir)
+    return model, tokenizer

@@ -95,9 +95,10 @@ class MaskConfig:
         return cls(**data)
 
 
-def logistic_noise(shape: torch.Size, like: Tensor) -> Tensor:
-    """G = log U - log(1 - U): the difference of two Gumbel(0, 1) variables."""
-    u = torch.rand(shape, device=like.device, dtype=torch.float32).clamp_(1e-6, 1 - 1e-6)
+def logistic_noise(shape: torch.Size, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """G = log U - log(1 - U): the difference of two Gumbel(0, 1) variables, drawn from `generator` (default: the
+    global one, which the trainer seeds per (seed, step, rank, micro-step))."""
+    u = torch.rand(shape, device=like.device, dtype=torch.float32, generator=generator).clamp_(1e-6, 1 - 1e-6)
     return (torch.log(u) - torch.log1p(-u)).to(like.dtype)
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -105,23 +105,15 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        checks = {
-            "seq_len": self.seq_len >= 2, "batch_size": self.batch_size >= 1,
-            "grad_accum_steps": self.grad_accum_steps >= 1, "learning_rate": self.learning_rate > 0,
-            "num_epochs": self.num_epochs >= 1, "max_steps": self.max_steps >= 0,
-            "warmup_steps": self.warmup_steps >= 0, "grad_clip": self.grad_clip >= 0,
-            "scan_update_frequency": self.scan_update_frequency >= 0,
-            "peft_reallocation_frequency": self.peft_reallocation_frequency >= 0,
-            "save_every": self.save_every >= 0, "keep_last": self.keep_last >= 1,
-            "target_sparsity": 0.0 <= self.target_sparsity < 1.0,
-            "importance_threshold": 0.0 <= self.importance_threshold <= 1.0,
-            "peft_application_ratio": 0.0 <= self.peft_application_ratio <= 1.0,
-            "masking_tau": self.masking_tau > 0 and self.masking_tau_final > 0,
-            "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0, "log_every": self.log_every >= 1,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError("invalid TrainConfig value(s): " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+        for key, (ok, rule) in _NUMERIC_RULES.items():
+            value = getattr(self, key)
+            if value is None and key in _OPTIONAL_NUMBERS:
+                continue
+            integer = _field_types()[key] in (int, Optional[int])
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+                raise ConfigValueError(key, value, "must be an integer" if integer else "must be a number")
+            if not ok(value):
+                raise ConfigValueError(key, value, f"must be {rule}")
         choices = {"precision": ("fp32", "bf16"), "lr_schedule": ("cosine", "constant"),
                    "packing": ("pack", "pad"), "mask_granularity": ("structured", "unstructured"),
                    "nan_policy": ("error",), "wandb_mode": ("auto", "online", "offline", "disabled"),
@@ -164,6 +156,47 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+class ConfigValueError(ValueError):
+    """A field with an invalid value; `load_train_config` renames it to the spelling the user typed."""
+
+    def __init__(self, key: str, value: Any, rule: str) -> None:
+        self.key, self.value, self.rule = key, value, rule
+        super().__init__(self.message(key))
+
+    def message(self, typed: str, where: str = "") -> str:
+        return f"{where}{typed}={self.value!r} is invalid: it {self.rule}"
+
+
+def _at_least(n: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v >= n), f">= {n}"
+
+
+def _above(n: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v > n), f"> {n}"
+
+
+def _between(lo: float, hi: float, hi_open: bool = False) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: lo <= v < hi if hi_open else lo <= v <= hi), f"in [{lo}, {hi}{')' if hi_open else ']'}"
+
+
+# Every numeric field and its valid range (None is allowed for the Optional ones).
+_NUMERIC_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "d_model": _at_least(1), "n_layers": _at_least(1), "vocab_size": _at_least(2), "d_state": _at_least(1),
+    "d_conv": _at_least(1), "expand": _at_least(1), "data_max_mb": _above(0), "val_fraction": _between(0, 1, True),
+    "seq_len": _at_least(2), "batch_size": _at_least(1), "grad_accum_steps": _at_least(1),
+    "learning_rate": _above(0), "mask_learning_rate": _above(0), "min_lr_ratio": _between(0, 1),
+    "warmup_steps": _at_least(0), "weight_decay": _at_least(0), "adam_beta1": _between(0, 1, True),
+    "adam_beta2": _between(0, 1, True), "adam_eps": _above(0), "grad_clip": _at_least(0), "num_epochs": _at_least(1),
+    "max_steps": _at_least(0), "seed": _at_least(0), "scan_update_frequency": _at_least(0),
+    "mask_block_size": _at_least(1), "masking_tau": _above(0), "masking_tau_final": _above(0),
+    "target_sparsity": _between(0, 1, True), "sparsity_weight": _at_least(0), "importance_threshold": _between(0, 1),
+    "peft_application_ratio": _between(0, 1), "peft_r": _at_least(1), "peft_alpha": _above(0),
+    "peft_reallocation_frequency": _at_least(0), "peft_start_step": _at_least(0), "eval_every": _at_least(0),
+    "eval_batches": _at_least(1), "save_every": _at_least(0), "keep_last": _at_least(1), "log_every": _at_least(1),
+}
+_OPTIONAL_NUMBERS = {"vocab_size", "data_max_mb", "mask_learning_rate"}
+
+
 def _field_types() -> dict[str, Any]:
     return get_type_hints(TrainConfig)
 
@@ -190,15 +223,20 @@ def parse_value(key: str, text: str) -> Any:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """['lr=1e-3', ...] -> {'lr': 0.001}; unknown keys raise with a suggestion."""
-    out: dict[str, Any] = {}
+    return {key: value for key, (_, value) in _parse_overrides(pairs).items()}
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, tuple[str, Any]]:
+    """{field: (what the user typed for its name, value)}."""
+    out: dict[str, tuple[str, Any]] = {}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"override {pair!r} is not of the form key=value")
-        key, text = pair.split("=", 1)
-        key = key.strip().lstrip("-").replace("-", "_")
+        typed, text = pair.split("=", 1)
+        key = typed.strip().lstrip("-").replace("-", "_")
         check_known_keys("TrainConfig", {key: None}, known)
-        out[key] = parse_value(key, text)
+        out[key] = (typed.strip(), parse_value(key, text))
     return out
 
 
@@ -219,5 +257,10 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
     check_known_keys("TrainConfig", data, {f.name for f in dataclasses.fields(TrainConfig)})
-    data.update(parse_overrides(overrides or []))
-    return TrainConfig(**data)
+    typed = {key: (key, f"config file {path}: ") for key in data}
+    for key, (name, value) in _parse_overrides(overrides or []).items():
+        data[key], typed[key] = value, (name, "command line: ")
+    try:
+        return TrainConfig(**data)
+    except ConfigValueError as err:
+        raise ValueError(err.message(*typed.get(err.key, (err.key, "")))) from None

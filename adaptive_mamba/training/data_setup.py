@@ -1,10 +1,13 @@
-"""Training data for a run: build the shards when asked (rank 0), open them, check they fit the run."""
+"""Training data for a run: build the shards when asked (rank 0), verify and open them, check they fit the run."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Optional
 
-from adaptive_mamba.data import DataPrepConfig, TokenShards, WindowSampler, build_shards
+from adaptive_mamba.data import CorruptShardError, DataPrepConfig, TokenShards, WindowSampler, build_shards
+from adaptive_mamba.tokenizer import check_same_tokenizer, saved_tokenizer_hash
 from adaptive_mamba.training.config import TrainConfig
 from adaptive_mamba.training.distributed import DistContext, barrier, broadcast_object
 
@@ -13,11 +16,27 @@ def resolve_data_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.data_dir) if cfg.data_dir is not None else Path(cfg.output_dir) / "data"
 
 
+VERIFIED_FILE = "verified_shards.json"
+
+
+def verify_shards(data_dir: Path, output_dir: Path) -> None:
+    """Check every shard of every split against its sha256 (CorruptShardError naming the file). Files verified
+    before by this run (same size and mtime, recorded in output_dir/verified_shards.json) are not read again."""
+    record = output_dir / VERIFIED_FILE
+    cache = json.loads(record.read_text()) if record.is_file() else {}
+    for split in TokenShards(data_dir, "train").metadata["splits"]:
+        cache = TokenShards(data_dir, split).verify(cache)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps(cache, indent=1) + "\n")
+    os.replace(tmp, record)
+
+
 def prepare_shards(cfg: TrainConfig, ctx: DistContext) -> Path:
     """The shard directory, built by rank 0 first when `data_source` is set (idempotent: a finished build is
-    reused). Without `data_source` the shards must already exist."""
+    reused), then verified by rank 0 (`verify_shards`). Without `data_source` the shards must already exist."""
     out = resolve_data_dir(cfg)
     error: Optional[str] = None
+    corrupt = False
     if ctx.is_main:
         try:
             if cfg.data_source is not None:
@@ -27,13 +46,32 @@ def prepare_shards(cfg: TrainConfig, ctx: DistContext) -> Path:
             elif not (out / "metadata.json").is_file():
                 error = (f"data_dir {out} holds no token shards (no metadata.json). Build them first, e.g. "
                          f"`python -m data_prep --out {out}`, or set data_source=stdlib to build them here")
+            if error is None:
+                verify_shards(out, Path(cfg.output_dir))
+        except CorruptShardError as err:
+            error, corrupt = str(err), True
         except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
             error = f"could not build the training data in {out}: {err}"
-    error = broadcast_object(error)
+    error, corrupt = broadcast_object((error, corrupt))
     if error is not None:
-        raise FileNotFoundError(error)
+        raise (CorruptShardError if corrupt else FileNotFoundError)(error)
     barrier()
     return out
+
+
+def check_tokenizer(shards: TokenShards, cfg: TrainConfig, resume_from: Optional[Path],
+                    resume_state: Optional[dict]) -> str:
+    """The content hash of the data's tokenizer, after checking that the shards' metadata, the init_from model's
+    tokenizer (when it ships one) and the checkpoint being resumed all name the same tokenizer."""
+    data_hash = shards.tokenizer().content_hash()
+    where = f"the training data {shards.path}"
+    check_same_tokenizer(data_hash, shards.metadata["tokenizer"].get("content_sha256"),
+                         f"the token ids in {shards.path} (metadata.json)", "the tokenizer saved with them")
+    if cfg.init_from is not None:
+        check_same_tokenizer(data_hash, saved_tokenizer_hash(cfg.init_from), f"init_from={cfg.init_from}", where)
+    if resume_state is not None:
+        check_same_tokenizer(data_hash, resume_state.get("tokenizer_sha256"), f"the checkpoint {resume_from}", where)
+    return data_hash
 
 
 def make_sampler(shards: TokenShards, cfg: TrainConfig, ctx: DistContext, train: bool) -> WindowSampler:

@@ -1,16 +1,24 @@
 """Rank-0 monitoring: a W&B run (offline by default), a tqdm bar and concise log lines.
 
 Every other rank gets a `Monitor` whose methods do nothing, so training code calls it unconditionally.
+
+W&B is a side channel and may never cost a checkpoint: every call into it is guarded. The `wandb-core`
+service catches SIGTERM itself (so it cannot be shielded by ignoring the signal), and a scheduler's
+SIGTERM (scancel, preemption, time limit) reaches it together with the trainer. When any W&B call fails,
+the monitor prints one warning, tears the connection down (unregistering W&B's exit hook, which would
+otherwise raise at exit) and continues without W&B; metrics.jsonl and checkpoints are unaffected.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import resource
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +43,8 @@ class Monitor:
         self.run = None
         self.bar = None
         self.wandb_dir: Optional[Path] = None
+        self.run_id: Optional[str] = None
+        self.wandb_failed: Optional[str] = None
         if not enabled:
             return
         if not log.handlers:
@@ -48,8 +58,13 @@ class Monitor:
 
             self.wandb_dir = Path(output_dir).resolve()
             self.wandb_dir.mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(project=project, name=run_name, config=config, dir=str(self.wandb_dir),
-                                  mode=wandb_mode, resume="allow", id=_run_id(self.wandb_dir))
+            self.run_id = _run_id(self.wandb_dir)
+
+            def start() -> None:      # the same run id on every resume: the W&B run continues
+                self.run = wandb.init(project=project, name=run_name, config=config, dir=str(self.wandb_dir),
+                                      mode=wandb_mode, resume="allow", id=self.run_id)
+
+            self._wandb(start, "init")
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stderr)
@@ -63,15 +78,31 @@ class Monitor:
         else:
             log.info(message)
 
+    def _wandb(self, call: Callable[[], Any], what: str) -> None:
+        """Run one W&B call; on any failure warn once, drop the run and carry on without W&B."""
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001  (W&B may fail in any way; training must not)
+            self.wandb_failed = f"{what}: {type(err).__name__}: {err}"
+            self.run = None
+            self.info(f"warning: W&B {what} failed ({type(err).__name__}: {err}); continuing without W&B "
+                      "(metrics.jsonl and checkpoints are unaffected)")
+            try:
+                import wandb
+
+                wandb.teardown()        # unregisters W&B's exit hook even when the service is gone
+            except Exception:  # noqa: BLE001
+                pass
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.enabled and self.run is not None:
-            self.run.log(metrics, step=step)
+            self._wandb(lambda: self.run.log(metrics, step=step), "log")
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         if self.enabled and self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+            self._wandb(lambda: self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step), "log")
 
     def advance(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
@@ -81,8 +112,7 @@ class Monitor:
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.enabled and self.run is not None:
-            for k, v in values.items():
-                self.run.summary[k] = v
+            self._wandb(lambda: self.run.summary.update(values), "summary")
 
     @property
     def run_dir(self) -> Optional[str]:
@@ -93,7 +123,7 @@ class Monitor:
             self.bar.close()
             self.bar = None
         if self.run is not None:
-            self.run.finish()
+            self._wandb(self.run.finish, "finish")
             self.run = None
 
 
@@ -105,3 +135,16 @@ def _run_id(wandb_dir: Path) -> str:
     run_id = uuid.uuid4().hex[:12]
     path.write_text(run_id + "\n")
     return run_id
+
+
+def resume_history(path: Path, step: int) -> list[dict[str, Any]]:
+    """The rows of a jsonl history (metrics.jsonl, consistency.jsonl) up to `step`, the step a run restarts from;
+    the file is rewritten to hold exactly those rows, so steps replayed after a resume are never recorded twice
+    (a fresh run, step 0, starts an empty file)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = [r for r in rows if r["step"] <= step]
+    if path.is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+    return rows

@@ -11,6 +11,7 @@ on every rank (see `adaptation.py`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import hashlib
 import json
@@ -29,10 +30,10 @@ from adaptive_mamba.model import AdaptiveMambaForCausalLM
 from adaptive_mamba.training import checkpointing as ckpt
 from adaptive_mamba.training.adaptation import PillarController
 from adaptive_mamba.training.config import TrainConfig
-from adaptive_mamba.training.data_setup import make_sampler, prepare_shards
+from adaptive_mamba.training.data_setup import check_tokenizer, make_sampler, prepare_shards
 from adaptive_mamba.training.distributed import DistContext, all_gather_object, all_reduce_sum, any_rank, barrier
 from adaptive_mamba.training.engine import build_engine, full_state_dict, load_ds_config, zero_stage
-from adaptive_mamba.training.monitoring import Monitor, peak_memory_mb
+from adaptive_mamba.training.monitoring import Monitor, peak_memory_mb, resume_history
 
 EXIT_PREEMPTED = 99
 
@@ -82,6 +83,12 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _grad_norm(module: nn.Module) -> float:
+    """L2 norm of the (already all-reduced) gradients before clipping, as ZeRO-1/2/3 report it."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio (or constant)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -122,6 +129,7 @@ class Trainer:
         data_dir = prepare_shards(cfg, ctx)
         self.train_shards = TokenShards(data_dir, "train")
         self.val_shards = TokenShards(data_dir, "val")
+        self.tokenizer_hash = check_tokenizer(self.train_shards, cfg, self.resume_from, resume_state)
         self.sampler = make_sampler(self.train_shards, cfg, ctx, train=True)
         self.val_sampler = make_sampler(self.val_shards, cfg, ctx, train=False) if len(self.val_shards) else None
         self.micro_per_epoch = self.sampler.steps_per_epoch(0)
@@ -146,6 +154,10 @@ class Trainer:
         self.monitor = Monitor(ctx.is_main, self.output_dir, self.total_steps, self.step, self.wandb_mode,
                                cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict(), cfg.progress_bar)
         self._metrics_file = self.output_dir / "metrics.jsonl"
+        if ctx.is_main:    # the whole run's history, also across resumes (exactly one row per step)
+            resume_history(self.output_dir / "consistency.jsonl", self.step)
+            self.history = [StepRecord(**{k: r.get(k, 0) for k in StepRecord.__dataclass_fields__})
+                            for r in resume_history(self._metrics_file, self.step)]
         mode = "fine-tune from " + cfg.init_from if cfg.init_from else "from scratch"
         model = self.module.model
         self.monitor.info(
@@ -222,13 +234,18 @@ class Trainer:
         self._set_lr(lr)
         self.pillars.on_step_begin(self.module.model, self.step)
         sums = torch.zeros(4, dtype=torch.float64)        # ce, reg, tokens, non-finite count
+        own_norm = None
         for j in range(cfg.grad_accum_steps):
             batch = self._batch(self.step * cfg.grad_accum_steps + j)
-            ce, reg = self.engine(batch["input_ids"], batch["labels"])
-            loss = ce + reg
-            if any_rank(not torch.isfinite(loss.detach()).item()):
-                self._fail_non_finite(float(loss.detach()))
-            self.engine.backward(loss)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(self._noise_seed(j))
+                ce, reg = self.engine(batch["input_ids"], batch["labels"])
+                loss = ce + reg
+                if any_rank(not torch.isfinite(loss.detach()).item()):
+                    self._fail_non_finite(float(loss.detach()))
+                self.engine.backward(loss)
+            if j == cfg.grad_accum_steps - 1 and zero_stage(self.ds_config) == 0:
+                own_norm = _grad_norm(self.module)    # DeepSpeed reports no norm for a plain torch optimizer
             self.engine.step()
             sums += torch.tensor([float(ce.detach()), float(reg.detach()),
                                   float((batch["labels"][:, 1:] != -100).sum()), 0.0], dtype=torch.float64)
@@ -236,10 +253,20 @@ class Trainer:
         sums = all_reduce_sum([sums])[0]
         n = cfg.grad_accum_steps * self.ctx.world_size
         norm = self.engine.get_global_grad_norm()
+        norm = own_norm if norm is None else norm
         ce_mean, reg_mean = sums[0].item() / n, sums[1].item() / n
         return StepRecord(self.step, ce_mean + reg_mean, ce_mean, reg_mean, lr,
                           float(norm) if norm is not None else float("nan"), int(sums[2].item()),
                           time.perf_counter() - t0)
+
+    def _noise_seed(self, micro: int) -> int:
+        """The seed of every random draw (mask noise) of micro-batch `micro` of this step on this rank: a function of
+        (seed, step, slot) alone, so evaluation, reports and refreshes between steps never shift it, at any ZeRO
+        stage and across a resume. The slot rank * grad_accum_steps + micro names the micro-batch's place in the
+        step's global batch: 2 ranks draw what 1 process with twice the accumulation draws."""
+        slot = self.ctx.rank * self.cfg.grad_accum_steps + micro
+        digest = hashlib.sha256(f"mask-noise/{self.cfg.seed}/{self.step}/{slot}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1
 
     def _fail_non_finite(self, loss: float) -> None:
         good = ckpt.latest_checkpoint(self.output_dir)
@@ -254,6 +281,10 @@ class Trainer:
         """Mean validation cross-entropy over eval_batches batches per rank (token-weighted across ranks)."""
         if self.val_sampler is None:
             return None
+        collector = self.pillars.collector if self.pillars.collector is not None and self.pillars.collector.enabled \
+            else None
+        if collector is not None:
+            collector.disable()     # scan-order statistics come from training batches only
         self.engine.eval()
         sums = torch.zeros(2, dtype=torch.float64)
         n_steps = min(self.cfg.eval_batches, self.val_sampler.steps_per_epoch(0))
@@ -266,41 +297,50 @@ class Trainer:
             sums += torch.tensor([float(ce) * count, count], dtype=torch.float64)
         sums = all_reduce_sum([sums])[0]
         self.engine.train()
+        if collector is not None:
+            collector.enable()
         return None if sums[1] == 0 else float(sums[0] / sums[1])
 
     def run(self) -> RunResult:
-        """Train to total_steps (or until a stop request), with refreshes, evals and checkpoints."""
+        """Train to total_steps (or until a stop request), with refreshes, evals and checkpoints.
+
+        Each step's collectives (pillar refreshes, eval, the stop vote, a checkpoint) come before its metrics are
+        logged, so on a stop request the checkpoint is on disk before anything touches W&B."""
         cfg, mon = self.cfg, self.monitor
-        if self.step == 0:
-            self._eval_and_log()
-        elif self.step >= self.total_steps:
+        if self.step >= self.total_steps:
             mon.info(f"the run in {self.output_dir} already reached step {self.step} of {self.total_steps}: nothing to "
-                     "train (raise max_steps to continue, or use a new output_dir / resume=none to start over)")
+                     "train; summary.json and the checkpoints are left as they are (raise max_steps to continue, or "
+                     "use a new output_dir / resume=none to start over)")
+            return RunResult("completed", self.step, str(self.resume_from))
+        if self.step == 0:
+            self._log_eval(self._evaluate_and_inspect())
         status, last_ckpt = "completed", None
-        window_t, window_tokens = time.perf_counter(), 0
         while self.step < self.total_steps:
             rec = self.train_step()
             self.history.append(rec)
-            window_tokens += rec.tokens
-            self._after_step(rec)
+            events = self.pillars.maybe_refresh(self, rec.step)
+            if self.cfg.verify_ranks and events.get("decisions"):
+                self.verify_ranks("+".join(events["decisions"]))
+            evaluation = None
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                self._eval_and_log()
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                evaluation = self._evaluate_and_inspect()
+            stop = any_rank(self.stop_requested())
+            if stop or (cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps):
                 last_ckpt = self.save()
-            if any_rank(self.stop_requested()):
+            self._log_step(rec, events)
+            self._log_eval(evaluation)
+            if stop:
                 status = "preempted"
                 break
-        if status == "completed":
-            self._eval_and_log()
-            if self.cfg.verify_ranks:
-                self.verify_ranks("end")
-        elapsed = time.perf_counter() - window_t
-        last_ckpt = self.save()
         if status == "preempted":
             mon.info(f"preempted at step {self.step}: checkpoint saved to {last_ckpt}; rerun with resume=auto "
                      f"(exit status {EXIT_PREEMPTED})")
             return RunResult(status, self.step, str(last_ckpt))
-        summary = self._summary(elapsed, window_tokens, last_ckpt)
+        self._log_eval(self._evaluate_and_inspect())
+        if self.cfg.verify_ranks:
+            self.verify_ranks("end")
+        last_ckpt = self.save()
+        summary = self._summary(last_ckpt)
         if cfg.export_at_end:
             summary["export_dir"] = str(self.export())
         mon.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
@@ -309,25 +349,21 @@ class Trainer:
         mon.info(summary["text"])
         return RunResult(status, self.step, str(last_ckpt), summary)
 
-    def _after_step(self, rec: StepRecord) -> None:
-        """Pillar refreshes, metrics, progress bar, log line."""
-        events = self.pillars.maybe_refresh(self, rec.step)
-        if self.cfg.verify_ranks and events.get("decisions"):
-            self.verify_ranks("+".join(events["decisions"]))
+    def _log_step(self, rec: StepRecord, events: dict[str, Any]) -> None:
+        """Metrics (metrics.jsonl, W&B), pillar tables and lines, progress bar, log line."""
         tok_s = rec.tokens / max(rec.seconds, 1e-9)
         metrics = {"train/loss": rec.loss, "train/ce": rec.ce, "train/regularizer": rec.reg, "train/lr": rec.lr,
                    "train/grad_norm": rec.grad_norm, "perf/tokens_per_s": tok_s,
                    "perf/peak_memory_mb": peak_memory_mb(), "perf/step_seconds": rec.seconds}
         metrics.update(events.get("metrics", {}))
+        if self.ctx.is_main:
+            with self._metrics_file.open("a") as f:
+                f.write(json.dumps({**dataclasses.asdict(rec), "tokens_per_s": tok_s}) + "\n")
         self.monitor.log(metrics, step=rec.step)
         for table in events.get("tables", []):
             self.monitor.log_table(*table, step=rec.step)
         for line in events.get("lines", []):
             self.monitor.info(line)
-        if self.ctx.is_main:
-            with self._metrics_file.open("a") as f:
-                f.write(json.dumps({"step": rec.step, "loss": rec.loss, "ce": rec.ce, "reg": rec.reg, "lr": rec.lr,
-                                    "grad_norm": rec.grad_norm, "tokens_per_s": tok_s}) + "\n")
         self.monitor.advance(rec.step, rec.loss, tok_s)
         if rec.step % self.cfg.log_every == 0 or rec.step == self.total_steps:
             self.monitor.info(f"step {rec.step}/{self.total_steps} loss {rec.loss:.4f} (ce {rec.ce:.4f} + reg "
@@ -354,15 +390,21 @@ class Trainer:
             raise RuntimeError(f"ranks diverged after {tag} at step {self.step}: parameter/pillar digests {digests}")
         return digests[0]
 
-    def _eval_and_log(self) -> None:
+    def _evaluate_and_inspect(self) -> Optional[tuple[int, float, dict[str, Any]]]:
+        """(step, validation loss, pillar report) now (collective), recorded in self.evals; None without val data."""
         loss = self.evaluate()
         if loss is None:
-            return
+            return None
         self.evals.append((self.step, loss))
-        report = self.pillars.inspect(self)
+        return self.step, loss, self.pillars.inspect(self)
+
+    def _log_eval(self, evaluation: Optional[tuple[int, float, dict[str, Any]]]) -> None:
+        if evaluation is None:
+            return
+        step, loss, report = evaluation
         self.monitor.log({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50)), **report["metrics"]},
-                         step=self.step)
-        self.monitor.info(f"eval at step {self.step}: loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})"
+                         step=step)
+        self.monitor.info(f"eval at step {step}: loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})"
                           + (f"; {report['line']}" if report.get("line") else ""))
 
     # ------------------------------------------------------------------------------------ checkpoints
@@ -370,7 +412,8 @@ class Trainer:
         """A complete checkpoint of this step (collective)."""
         trainer_state = {"step": self.step, "total_steps": self.total_steps, "data": self.sampler.state_dict(),
                          "pillars": self.pillars.state_dict(), "config": self.cfg.to_dict(),
-                         "evals": self.evals, "world_size": self.ctx.world_size}
+                         "evals": self.evals, "world_size": self.ctx.world_size,
+                         "tokenizer_sha256": self.tokenizer_hash}
         rank_state = {"rng": ckpt.rng_state(), "pillars": self.pillars.rank_state_dict()}
         path = ckpt.save_checkpoint(self.engine, self.output_dir, self.step, trainer_state, rank_state,
                                     self.ctx.rank, self.cfg.keep_last)
@@ -420,8 +463,10 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------------------------------- summary
-    def _summary(self, elapsed: float, tokens: int, checkpoint: Path) -> dict[str, Any]:
+    def _summary(self, checkpoint: Path) -> dict[str, Any]:
+        """The whole run (every segment of a resumed run): tokens and seconds are summed over its optimizer steps."""
         first, last = (self.history[0], self.history[-1]) if self.history else (None, None)
+        tokens, elapsed = sum(h.tokens for h in self.history), sum(h.seconds for h in self.history)
         tok_s = tokens / max(elapsed, 1e-9)
         report = self.pillars.final_report(self)
         summary: dict[str, Any] = {
