@@ -35,13 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from adaptive_mamba import AdaptiveMambaForCausalLM  # noqa: E402
-from adaptive_mamba.ops import cuda_kernel_available, selective_scan, selective_scan_ref  # noqa: E402
-from adaptive_mamba.pillars.hybrid_peft import decide_allocation, module_importance  # noqa: E402
-from adaptive_mamba.training.adaptation import PillarController  # noqa: E402
-from adaptive_mamba.training.config import TrainConfig  # noqa: E402
-from adaptive_mamba.training.distributed import DistContext  # noqa: E402
-
 PARTS = ("scan", "train", "throughput", "longest")
 
 
@@ -57,6 +50,8 @@ def shapes(smoke: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ (c) scan
 def check_scan(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
     """Max abs error of out, last state and every gradient against the float64 reference (random inputs)."""
+    from adaptive_mamba.ops import selective_scan, selective_scan_ref
+
     g = torch.Generator().manual_seed(0)
     b, d, n, length = 2, 256, 16, size["scan_len"]
     inputs = dict(u=torch.randn(b, d, length, generator=g), delta=0.5 * torch.randn(b, d, length, generator=g),
@@ -140,6 +135,12 @@ def check_training(device: torch.device, size: dict[str, Any], workdir: Path) ->
 def pillar_model(size: dict[str, Any], pillars: bool, checkpointing: bool) -> tuple[torch.nn.Module, Callable]:
     """Ours at the check's shape: plain, or with masks, a hybrid LoRA/IA3 allocation and the scan-statistics
     collector (what training runs with); returns (model, regulariser)."""
+    from adaptive_mamba import AdaptiveMambaForCausalLM
+    from adaptive_mamba.pillars.hybrid_peft import decide_allocation, module_importance
+    from adaptive_mamba.training.adaptation import PillarController
+    from adaptive_mamba.training.config import TrainConfig
+    from adaptive_mamba.training.distributed import DistContext
+
     cfg = TrainConfig(d_model=size["d_model"], n_layers=size["n_layers"], masking=pillars, peft=pillars,
                       data_source="stdlib",             # required by TrainConfig; no data is read here
                       scan_order=pillars, scan_update_frequency=1 if pillars else 0,
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
               "on tiny CPU shapes", file=sys.stderr)
         return 2
     device = torch.device("cpu") if args.cpu_smoke else torch.device("cuda", 0)
+    from adaptive_mamba.ops import cuda_kernel_available   # after the checks above: they answer at once
+
     if device.type == "cuda" and not cuda_kernel_available():
         print("gpu_check: mamba-ssm's selective_scan_cuda is not importable: build it first (bench/gpu_check.sh "
               "does, from the tarballs in .gpu/)", file=sys.stderr)
