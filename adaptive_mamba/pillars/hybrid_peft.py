@@ -334,7 +334,8 @@ def _inject(model: nn.Module, kind: str, names: list[str], cfg: HybridPeftConfig
 
 
 @torch.no_grad()
-def _detach_adapter(model: nn.Module, name: str, merge: bool) -> None:
+def detach_adapter(model: nn.Module, name: str, merge: bool) -> None:
+    """Replace module `name`'s peft wrapper by its base layer, merging the adapter into the weight first if asked."""
     parent, attr, layer = resolve_module(model, name)
     if merge:
         layer.merge(adapter_names=list(layer.active_adapters))
@@ -386,7 +387,7 @@ def apply_allocation(model: "AdaptiveMambaForCausalLM", decision: AllocationDeci
     changes: dict[str, list[str]] = {"merged": [], "removed": [], "lora": [], "ia3": []}
     for name, kind in decision.kinds.items():
         if current[name] != kind and current[name] != "frozen":
-            _detach_adapter(model, name, merge=cfg.on_kind_change == "merge")
+            detach_adapter(model, name, merge=cfg.on_kind_change == "merge")
             changes["merged" if cfg.on_kind_change == "merge" else "removed"].append(name)
     for kind in ("lora", "ia3"):
         new = [n for n, k in decision.kinds.items() if k == kind and current[n] != kind]
@@ -417,6 +418,6 @@ def trainable_report(model: nn.Module) -> str:
 
 
 __all__ = ["AllocationDecision", "HybridPeftConfig", "IMPORTANCE_SOURCES", "MaskedLoraVariant", "allocation_counts",
-           "apply_allocation", "current_allocation", "decide_allocation", "format_allocation_table",
+           "apply_allocation", "current_allocation", "decide_allocation", "detach_adapter", "format_allocation_table",
            "gradient_saliency", "is_adapter_param", "mask_activation", "module_importance", "pruned_modules",
            "set_trainable", "trainable_report", "uniform_allocation"]
