@@ -44,6 +44,8 @@ from adaptive_mamba.training.engine import permute_engine_params, zero_stage
 if TYPE_CHECKING:
     from adaptive_mamba.training.trainer import Trainer
 
+SALIENCY_MAX_TOKENS = 8192      # gradient saliency reads at most this many tokens of each sequence (memory bound)
+
 
 class PillarController:
     """Owns the pillars' configuration, decisions and statistics for one training run."""
@@ -165,13 +167,16 @@ class PillarController:
         return events
 
     def _reallocate(self, trainer: "Trainer", step: int, events: dict[str, Any]) -> None:
-        model = trainer.full_model()                                       # collective: gathers every rank
+        model = trainer.full_model().to(trainer.device)                    # collective: gathers every rank
         self._allocate(model, [trainer.upcoming_batch()], step, events)
         trainer.rebuild_engine(model)                 # under ZeRO-3 this partitions `model`'s parameters
 
     def _allocate(self, model: AdaptiveMambaForCausalLM, batches: list[tuple[Tensor, Tensor]], step: int,
                   events: dict[str, Any]) -> None:
         """Importance on every rank (averaged), decision on rank 0 (broadcast), applied to `model` on every rank."""
+        device = model.embedding.weight.device
+        batches = [(ids[:, :SALIENCY_MAX_TOKENS].to(device), labels[:, :SALIENCY_MAX_TOKENS].to(device))
+                   for ids, labels in batches]
         importance = module_importance(model, self.peft_cfg, batches)
         names = list(importance)                                           # model order: the same on every rank
         values = all_reduce_sum([torch.tensor([importance[n] for n in names], dtype=torch.float64)])[0]

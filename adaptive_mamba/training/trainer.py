@@ -138,7 +138,7 @@ class Trainer:
             self.sampler.load_state_dict(resume_state["data"])
             self.pillars.load_state_dict(resume_state["pillars"])
         self.model_config = self._model_config()
-        model = self._fresh_model()
+        model = self._fresh_model().to(self.device)
         self.step = 0
         initial = self.pillars.initial_allocation(model, [self.upcoming_batch()]) if resume_state is None else None
         self.rebuild_engine(model)
