@@ -1,4 +1,4 @@
-"""Pillar 3: hybrid PEFT. The masks' importance decides which projections get LoRA, which get IA3 and which stay
+"""Pillar 3: hybrid PEFT. Module importance decides which projections get LoRA, which get IA3 and which stay
 frozen; re-deciding later moves adapters between modules.
 
     HybridPeftConfig                        thresholds, LoRA r / alpha / dropout, targets, importance source
@@ -9,7 +9,7 @@ frozen; re-deciding later moves adapters between modules.
     uniform_allocation(model, kind, cfg)    one kind on every target (the plain LoRA / IA3 controls)
     apply_allocation(model, decision, cfg)  merge/remove adapters of modules that change kind, inject peft LoRA /
                                             IA3 layers on the new ones, set requires_grad on every parameter
-    format_allocation_table(decision)       'blocks.0.mixer.in_proj: 0.8543 -> LoRA' lines plus the counts
+    format_allocation_table(decision)       'blocks.0.mixer.in_proj: 3.1e-05 -> LoRA' lines plus the counts
     trainable_report(model)                 peft's 'trainable params: N || all params: M || trainable%: P'
     current_allocation(model)               {module name: 'lora' | 'ia3' | 'frozen'} read from the model
 
@@ -254,7 +254,7 @@ def uniform_allocation(model: "AdaptiveMambaForCausalLM", kind: str, cfg: Hybrid
 
 
 def format_allocation_table(decision: AllocationDecision) -> str:
-    """One line per module, 'blocks.0.mixer.in_proj: 0.8543 -> LoRA', then the counts."""
+    """One line per module, 'blocks.0.mixer.in_proj: 3.1e-05 -> LoRA' (4 significant digits), then the counts."""
     lines = [f"{n}: {decision.importance[n]:.4g} -> {KIND_LABELS[k]}" for n, k in decision.kinds.items()]
     c = decision.counts()
     lines.append(f"allocation at step {decision.step}: {c['lora']} LoRA, {c['ia3']} IA3, {c['frozen']} frozen "
