@@ -60,8 +60,17 @@ def test_invalid_values_and_missing_data() -> None:
         TrainConfig(data_source="stdlib", seq_len=1)
     with pytest.raises(ValueError, match="set data_dir"):
         TrainConfig()
-    with pytest.raises(ValueError, match="peft=true needs masking=true"):
-        TrainConfig(data_source="stdlib", masking=False)
+    with pytest.raises(ValueError, match="importance_source=activations needs masking=true"):
+        TrainConfig(data_source="stdlib", masking=False, importance_source="activations")
+    with pytest.raises(ValueError, match="no mask history before the first step"):
+        TrainConfig(data_source="stdlib", init_from="m", importance_source="activations")
+    with pytest.raises(ValueError, match="peft_mode=full trains every weight"):
+        TrainConfig(data_source="stdlib", peft_mode="full", freeze_base=True)
+    with pytest.raises(ValueError, match="peft_mode must be one of"):
+        TrainConfig(data_source="stdlib", peft_mode="dora")
+    assert TrainConfig(data_source="stdlib", masking=False).first_allocation_step == 100   # from scratch
+    assert TrainConfig(data_source="stdlib", init_from="m").first_allocation_step == 0     # fine-tune: no flat start
+    assert not TrainConfig(data_source="stdlib", init_from="m", peft_mode="full").freeze_base_weights
 
 
 def test_ds_config_conflicts(tmp_path: Path) -> None:

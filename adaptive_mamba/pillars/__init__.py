@@ -9,8 +9,8 @@ Persistence of all three (persistence.py): save_adaptive_model / load_adaptive_m
 """
 from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, HybridPeftConfig, allocation_counts,
                                                 apply_allocation, current_allocation, decide_allocation,
-                                                format_allocation_table, module_importance, set_trainable,
-                                                trainable_report)
+                                                format_allocation_table, module_importance, pruned_modules,
+                                                set_trainable, trainable_report, uniform_allocation)
 from adaptive_mamba.pillars.masks import (CompactLinear, MaskConfig, MaskedLinear, apply_masks, compile_masks,
                                           expected_sparsity, format_sparsity_report, mask_regularizer,
                                           masked_modules, set_temperature, sparsity_report, temperature_at)
@@ -23,5 +23,5 @@ __all__ = ["AllocationDecision", "CompactLinear", "HybridPeftConfig", "MaskConfi
            "apply_scan_order", "base_state_dict", "compile_masks", "current_allocation", "current_scan_order",
            "decide_allocation", "decide_scan_order", "expected_sparsity", "format_allocation_table",
            "format_sparsity_report", "load_adaptive_model", "mask_regularizer", "masked_modules",
-           "module_importance", "reparametrization_plan", "save_adaptive_model", "set_temperature", "set_trainable",
-           "sparsity_report", "temperature_at", "trainable_report"]
+           "module_importance", "pruned_modules", "reparametrization_plan", "save_adaptive_model", "set_temperature", "set_trainable",
+           "sparsity_report", "temperature_at", "trainable_report", "uniform_allocation"]

@@ -1,25 +1,46 @@
-"""Pillar 3: hybrid PEFT. The masks' importance decides which projections get LoRA, which get IA3 and which stay
+"""Pillar 3: hybrid PEFT. Module importance decides which projections get LoRA, which get IA3 and which stay
 frozen; re-deciding later moves adapters between modules.
 
     HybridPeftConfig                        thresholds, LoRA r / alpha / dropout, targets, importance source
-    module_importance(model, cfg)           {module name: importance} in model order (plain floats; to all-reduce,
+    module_importance(model, cfg, batches)  {module name: importance} in model order (plain floats; to all-reduce,
                                             torch.tensor(list(d.values())) is aligned across ranks)
-    decide_allocation(importance, cfg)      -> AllocationDecision (deterministic, JSON-safe to_dict/from_dict)
+    pruned_modules(model)                   modules whose hard mask keeps nothing (never adapted)
+    decide_allocation(importance, cfg, step, pruned)  -> AllocationDecision (deterministic, JSON-safe)
+    uniform_allocation(model, kind, cfg)    one kind on every target (the plain LoRA / IA3 controls)
     apply_allocation(model, decision, cfg)  merge/remove adapters of modules that change kind, inject peft LoRA /
                                             IA3 layers on the new ones, set requires_grad on every parameter
-    format_allocation_table(decision)       'blocks.0.mixer.in_proj: 0.8543 -> LoRA' lines plus the counts
+    format_allocation_table(decision)       'blocks.0.mixer.in_proj: 3.1e-05 -> LoRA' lines plus the counts
     trainable_report(model)                 peft's 'trainable params: N || all params: M || trainable%: P'
     current_allocation(model)               {module name: 'lora' | 'ia3' | 'frozen'} read from the model
 
-Importance of a module: "logits" = mean |L| of its mask logits; "activations" = the mean mask activation over its
-last `importance_window` training forwards (recorded by MaskedLinear). Both need apply_masks first.
+Importance of a module (sign-aware: it means "worth adapting"; never mean |L|, which ranks a fully pruned
+module, L << 0, highest):
+    "saliency" (default)  mean |W * dL/dW| over the module's weight (AdaLoRA / MambaPEFT sensitivity), from one
+                          forward/backward of the evaluation-mode model (hard masks) on the given batches. Weights a
+                          hard mask drops get exactly 0, so a fully pruned module scores 0. Needs no mask history and
+                          no masks at all, so it can allocate before the first training step (no flat start where
+                          only mask logits train) and is the importance of the masks-off control.
+    "activations"         the mean mask activation sum_t M_t / T over the last T = importance_window training
+                          forwards (recorded by MaskedLinear; the design's seed formula). Needs masks and history.
+A module whose hard mask keeps nothing (`pruned_modules`) never gets an adapter, whatever its importance.
 
 Allocation (n adaptable modules ranked by importance, descending; ties broken by module name, ascending):
     n_adapted = floor(peft_application_ratio * n + 1/2)                           (round half up, exact decimals)
     n_lora    = min(n_adapted, floor(importance_threshold * peft_application_ratio * n + 1/2))
-    the first n_lora modules get LoRA, the next n_adapted - n_lora get IA3, the rest are frozen.
+    the first n_lora modules get LoRA, the next n_adapted - n_lora get IA3, the rest are frozen. Pruned modules
+    are skipped (frozen); the counts come from all n modules, capped at the number of live ones.
 The seed's example (4 layers x 4 projections = 16 modules, threshold 0.5, ratio 0.3): n_adapted = floor(5.3) = 5,
 n_lora = floor(2.9) = 2, so 2 LoRA, 3 IA3, 11 frozen.
+
+Exact merges. On a masked projection, LoRA runs as the peft variant MaskedLoraVariant: its update is masked like
+the base weight, with the same mask sample (structured masks: the LoRA path's output rows or input columns;
+unstructured: the delta weight B A elementwise), so the layer computes (W + s B A) * M. Merging writes W + s B A
+into the weight, which the mask then multiplies: the merged layer computes the same function, in training (same
+sample) and evaluation (hard mask). IA3 scales whole rows / columns, which commute with any mask. So a merge on a
+kind change (LoRA -> frozen, IA3 -> frozen, LoRA <-> IA3) leaves outputs unchanged up to float rounding.
+Base weights stay bit-identical while a module is frozen, carries an adapter, or loses it with
+on_kind_change="remove"; they change only when an adapter is merged into them (on_kind_change="merge", the
+default): W becomes W + s B A (LoRA) or W * l (IA3), including entries the mask currently drops.
 
 After apply_allocation, trainable parameters are exactly the adapters (plus the mask logits when train_masks):
 rebuild the optimizer from [p for p in model.parameters() if p.requires_grad]. New adapters are initialised
@@ -34,22 +55,26 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from peft import IA3Config, LoraConfig, inject_adapter_in_model
 from peft.tuners.ia3 import IA3Layer
 from peft.tuners.lora import LoraLayer
-from torch import nn
+from peft.tuners.lora.layer import LoraVariant
+from torch import Tensor, nn
 
 from adaptive_mamba.config import check_known_keys
-from adaptive_mamba.pillars.common import base_layer, check_projections, iter_projections, resolve_module
+from adaptive_mamba.pillars.common import (PROJECTIONS, base_layer, check_projections, iter_projections,
+                                           resolve_module)
 from adaptive_mamba.pillars.masks import MaskedLinear
 
 if TYPE_CHECKING:
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
 
 KINDS = ("lora", "ia3", "frozen")
+IMPORTANCE_SOURCES = ("saliency", "activations")
 KIND_LABELS = {"lora": "LoRA", "ia3": "IA3", "frozen": "frozen"}
 ADAPTER_NAMES = {"lora": "lora", "ia3": "ia3"}     # peft adapter name per kind
 
@@ -62,7 +87,7 @@ class HybridPeftConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj")
-    importance_source: str = "logits"        # "logits" (mean |L|) or "activations" (mean mask over the window)
+    importance_source: str = "saliency"      # "saliency" (mean |W * grad|) or "activations" (mean mask over T)
     importance_window: int = 100             # T, for "activations" (at most MaskConfig.activation_window)
     train_masks: bool = True                 # keep training the mask logits next to the adapters
     on_kind_change: str = "merge"            # adapters of modules that change kind: "merge" into W or "remove"
@@ -75,8 +100,8 @@ class HybridPeftConfig:
         for name in ("importance_threshold", "peft_application_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"HybridPeftConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.importance_source not in ("logits", "activations"):
-            raise ValueError(f"importance_source must be 'logits' or 'activations', got {self.importance_source!r}")
+        if self.importance_source not in IMPORTANCE_SOURCES:
+            raise ValueError(f"importance_source must be one of {IMPORTANCE_SOURCES}, got {self.importance_source!r}")
         if self.on_kind_change not in ("merge", "remove"):
             raise ValueError(f"on_kind_change must be 'merge' or 'remove', got {self.on_kind_change!r}")
         if self.lora_r < 1 or self.importance_window < 1 or not 0.0 <= self.lora_dropout < 1.0:
@@ -129,26 +154,66 @@ def _mask_of(model: "AdaptiveMambaForCausalLM", name: str, module: nn.Module) ->
     return layer
 
 
+def module_importance(model: "AdaptiveMambaForCausalLM", cfg: HybridPeftConfig,
+                      batches: Iterable[tuple[Tensor, Tensor]] = ()) -> dict[str, float]:
+    """Importance of every adaptable module, in model order (see the module docstring). "saliency" needs
+    `batches` of (input_ids, labels)."""
+    if cfg.importance_source == "saliency":
+        return gradient_saliency(model, batches, cfg.target_modules)
+    return mask_activation(model, cfg)
+
+
+def gradient_saliency(model: "AdaptiveMambaForCausalLM", batches: Iterable[tuple[Tensor, Tensor]],
+                      targets: tuple[str, ...]) -> dict[str, float]:
+    """mean |W * dL/dW| of each target projection's base weight, the loss averaged over `batches`, computed on the
+    evaluation-mode model (hard masks: dropped weights get no gradient). Leaves requires_grad and the training mode
+    as they were and clears every .grad."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("importance_source='saliency' needs at least one batch of (input_ids, labels)")
+    weights = {name: base_layer(module).weight for name, _, module, _ in iter_projections(model, targets)}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for input_ids, labels in batches:
+                (model(input_ids, labels=labels, return_logits=False).loss / len(batches)).backward()
+        return {name: 0.0 if w.grad is None else float((w.detach().float() * w.grad.float()).abs().mean())
+                for name, w in weights.items()}
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
 @torch.no_grad()
-def module_importance(model: "AdaptiveMambaForCausalLM", cfg: HybridPeftConfig) -> dict[str, float]:
-    """Importance of every adaptable module, in model order (see the module docstring)."""
+def mask_activation(model: "AdaptiveMambaForCausalLM", cfg: HybridPeftConfig) -> dict[str, float]:
+    """sum_t M_t / T: the mean mask activation over each module's last `importance_window` training forwards."""
     out = {}
     for name, _, module, _ in iter_projections(model, cfg.target_modules):
         mask = _mask_of(model, name, module)
-        if cfg.importance_source == "logits":
-            out[name] = float(mask.mask_logits.float().abs().mean())
-            continue
         capacity, count = mask.mask_history.numel(), int(mask.history_count)
         if cfg.importance_window > capacity:
             raise ValueError(f"importance_window {cfg.importance_window} exceeds the {capacity} steps the masks "
                              "record: raise MaskConfig.activation_window")
         if count == 0:
             raise ValueError(f"{name}: no training forward has been recorded yet, so 'activations' importance is "
-                             "undefined; train some steps first or use importance_source='logits'")
+                             "undefined; train some steps first or use importance_source='saliency'")
         n = min(count, cfg.importance_window)
         idx = (count - 1 - torch.arange(n, device=mask.mask_history.device)) % capacity
         out[name] = float(mask.mask_history[idx].mean())
     return out
+
+
+def pruned_modules(model: "AdaptiveMambaForCausalLM", targets: tuple[str, ...] = PROJECTIONS) -> list[str]:
+    """Target projections whose hard mask keeps no weight (they never get an adapter)."""
+    return [name for name, _, module, _ in iter_projections(model, targets)
+            if isinstance(base_layer(module), MaskedLinear) and not bool(base_layer(module).hard_mask().any())]
 
 
 def _round_half_up(x: Fraction) -> int:
@@ -163,22 +228,34 @@ def allocation_counts(n: int, cfg: HybridPeftConfig) -> tuple[int, int]:
     return n_lora, n_adapted - n_lora
 
 
-def decide_allocation(importance: Mapping[str, float], cfg: HybridPeftConfig, step: int = 0) -> AllocationDecision:
-    """Rank by importance (descending, ties by name) and assign LoRA / IA3 / frozen. Deterministic."""
+def decide_allocation(importance: Mapping[str, float], cfg: HybridPeftConfig, step: int = 0,
+                      pruned: Iterable[str] = ()) -> AllocationDecision:
+    """Rank by importance (descending, ties by name) and assign LoRA / IA3 / frozen; `pruned` modules stay frozen.
+    Deterministic."""
     if not importance:
         raise ValueError("no module importance given: nothing to allocate")
     bad = [n for n, v in importance.items() if not math.isfinite(float(v))]
     if bad:
         raise ValueError(f"non-finite importance for {bad}: the mask logits diverged")
-    ranked = sorted(importance, key=lambda n: (-float(importance[n]), n))
-    n_lora, n_ia3 = allocation_counts(len(ranked), cfg)
-    kind_of = {n: ("lora" if r < n_lora else "ia3" if r < n_lora + n_ia3 else "frozen") for r, n in enumerate(ranked)}
+    pruned = set(pruned)
+    ranked = [n for n in sorted(importance, key=lambda n: (-float(importance[n]), n)) if n not in pruned]
+    n_lora, n_ia3 = allocation_counts(len(importance), cfg)
+    n_lora = min(n_lora, len(ranked))
+    n_ia3 = min(n_ia3, len(ranked) - n_lora)
+    kind_of = {n: "frozen" for n in pruned} | {n: ("lora" if r < n_lora else "ia3" if r < n_lora + n_ia3 else "frozen") for r, n in enumerate(ranked)}
     return AllocationDecision({n: kind_of[n] for n in importance}, {n: float(v) for n, v in importance.items()}, step)
 
 
+def uniform_allocation(model: "AdaptiveMambaForCausalLM", kind: str, cfg: HybridPeftConfig) -> AllocationDecision:
+    """The same kind on every target projection (the plain-LoRA / plain-IA3 controls); importance is not used
+    (NaN)."""
+    names = [name for name, _, _, _ in iter_projections(model, cfg.target_modules)]
+    return AllocationDecision({n: kind for n in names}, {n: float("nan") for n in names})
+
+
 def format_allocation_table(decision: AllocationDecision) -> str:
-    """One line per module, 'blocks.0.mixer.in_proj: 0.8543 -> LoRA', then the counts."""
-    lines = [f"{n}: {decision.importance[n]:.4f} -> {KIND_LABELS[k]}" for n, k in decision.kinds.items()]
+    """One line per module, 'blocks.0.mixer.in_proj: 3.1e-05 -> LoRA' (4 significant digits), then the counts."""
+    lines = [f"{n}: {decision.importance[n]:.4g} -> {KIND_LABELS[k]}" for n, k in decision.kinds.items()]
     c = decision.counts()
     lines.append(f"allocation at step {decision.step}: {c['lora']} LoRA, {c['ia3']} IA3, {c['frozen']} frozen "
                  f"(of {len(decision.kinds)} modules)")
@@ -209,6 +286,41 @@ def _init_lora(model: nn.Module, name: str, cfg: HybridPeftConfig, step: int) ->
     layer.lora_B[ADAPTER_NAMES["lora"]].weight.zero_()
 
 
+class MaskedLoraVariant(LoraVariant):
+    """peft LoRA whose update is masked like the base weight (the module docstring's "exact merges"): the layer
+    computes (W + s B A) * M with M the base MaskedLinear's current mask (same sample in training, hard in
+    evaluation). Merging is plain LoRA's W += s B A, which the mask then multiplies."""
+
+    @staticmethod
+    def init(module: LoraLayer, adapter_name: str, **kwargs: Any) -> None:
+        """Nothing beyond plain LoRA's weights."""
+
+    @staticmethod
+    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
+        return orig_weight + module.get_delta_weight(active_adapter)
+
+    @staticmethod
+    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter)
+
+    @staticmethod
+    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
+        return orig_weight - module.get_delta_weight(active_adapter)
+
+    @staticmethod
+    def forward(module: LoraLayer, active_adapter: str, x: Tensor, result: Tensor, **kwargs: Any) -> Tensor:
+        mask = base_layer(module).current_mask().to(x.dtype)        # broadcastable against the (out, in) weight
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        scaling = module.scaling[active_adapter]
+        x = module.lora_dropout[active_adapter](x)
+        if mask.shape[0] == 1:                                      # input columns
+            return result + lora_B(lora_A(x * mask[0])) * scaling
+        if mask.shape[1] == 1:                                      # output rows
+            return result + lora_B(lora_A(x)) * (scaling * mask[:, 0])
+        delta = (lora_B.weight @ lora_A.weight) * (scaling * mask)  # unstructured: mask the delta weight
+        return result + F.linear(x, delta)
+
+
 def _inject(model: nn.Module, kind: str, names: list[str], cfg: HybridPeftConfig) -> None:
     if kind == "lora":
         pcfg: Any = LoraConfig(target_modules=names, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
@@ -222,7 +334,8 @@ def _inject(model: nn.Module, kind: str, names: list[str], cfg: HybridPeftConfig
 
 
 @torch.no_grad()
-def _detach_adapter(model: nn.Module, name: str, merge: bool) -> None:
+def detach_adapter(model: nn.Module, name: str, merge: bool) -> None:
+    """Replace module `name`'s peft wrapper by its base layer, merging the adapter into the weight first if asked."""
     parent, attr, layer = resolve_module(model, name)
     if merge:
         layer.merge(adapter_names=list(layer.active_adapters))
@@ -274,7 +387,7 @@ def apply_allocation(model: "AdaptiveMambaForCausalLM", decision: AllocationDeci
     changes: dict[str, list[str]] = {"merged": [], "removed": [], "lora": [], "ia3": []}
     for name, kind in decision.kinds.items():
         if current[name] != kind and current[name] != "frozen":
-            _detach_adapter(model, name, merge=cfg.on_kind_change == "merge")
+            detach_adapter(model, name, merge=cfg.on_kind_change == "merge")
             changes["merged" if cfg.on_kind_change == "merge" else "removed"].append(name)
     for kind in ("lora", "ia3"):
         new = [n for n, k in decision.kinds.items() if k == kind and current[n] != kind]
@@ -283,6 +396,9 @@ def apply_allocation(model: "AdaptiveMambaForCausalLM", decision: AllocationDeci
             if kind == "lora":
                 for name in new:
                     _init_lora(model, name, cfg, decision.step)
+                    layer = model.get_submodule(name)
+                    if isinstance(base_layer(layer), MaskedLinear):
+                        layer.lora_variant[ADAPTER_NAMES["lora"]] = MaskedLoraVariant()
             changes[kind] = new
     _sync_peft_config(model, cfg)
     set_trainable(model, cfg)
@@ -301,6 +417,7 @@ def trainable_report(model: nn.Module) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 
-__all__ = ["AllocationDecision", "HybridPeftConfig", "allocation_counts", "apply_allocation", "current_allocation",
-           "decide_allocation", "format_allocation_table", "is_adapter_param", "module_importance", "set_trainable",
-           "trainable_report"]
+__all__ = ["AllocationDecision", "HybridPeftConfig", "IMPORTANCE_SOURCES", "MaskedLoraVariant", "allocation_counts",
+           "apply_allocation", "current_allocation", "decide_allocation", "detach_adapter", "format_allocation_table",
+           "gradient_saliency", "is_adapter_param", "mask_activation", "module_importance", "pruned_modules",
+           "set_trainable", "trainable_report", "uniform_allocation"]

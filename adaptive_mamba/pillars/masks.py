@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
 
 SCHEDULES = ("constant", "linear", "exponential", "cosine")
+MASK_KINDS = ("unstructured", "structured")
 # A structured mask on the output side gathers kept rows only when the layer has at least this many inputs: below
 # it (dt_proj: dt_rank inputs) the matmul is bound by writing its output, and a smaller matmul plus the scatter of
 # its rows is slower than the dense masked matmul (bench/bench_masks.py measures both).
@@ -70,8 +71,8 @@ class MaskConfig:
 
     def __post_init__(self) -> None:
         self.targets = check_projections(self.targets, "MaskConfig.targets")
-        if self.kind not in ("unstructured", "structured"):
-            raise ValueError(f"MaskConfig.kind must be 'unstructured' or 'structured', got {self.kind!r}")
+        if self.kind not in MASK_KINDS:
+            raise ValueError(f"MaskConfig.kind must be one of {MASK_KINDS}, got {self.kind!r}")
         if self.structured_side not in ("auto", "out", "in"):
             raise ValueError(f"MaskConfig.structured_side must be 'auto', 'out' or 'in', got {self.structured_side!r}")
         if self.schedule not in SCHEDULES:
@@ -112,6 +113,7 @@ class MaskedLinear(nn.Linear):
                  block_size: int, activation_window: int, device: Any = None, dtype: Any = None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.kind, self.side, self.block_size, self.tau = kind, side, block_size, 1.0
+        self.last_sample: Optional[Tensor] = None
         if kind == "unstructured":
             shape: tuple[int, ...] = (out_features, in_features)
         else:
@@ -158,6 +160,14 @@ class MaskedLinear(nn.Linear):
     def hard_mask(self) -> Tensor:
         return self.mask_logits > 0
 
+    def current_mask(self) -> Tensor:
+        """What the last forward multiplied the weight by, broadcastable against it: the relaxed sample of the last
+        training forward (with its graph), or the hard mask in evaluation. Pillar 3's LoRA path reuses it so that
+        the adapter's update is masked exactly like the base weight."""
+        if self.training and self.last_sample is not None:
+            return self.expand(self.last_sample.to(self.weight.dtype))
+        return self.expand(self.hard_mask().to(self.weight.dtype))
+
     def kept_channels(self) -> Tensor:
         """Indices of the channels a structured hard mask keeps (on its side)."""
         return self.hard_mask().repeat_interleave(self.block_size).nonzero().squeeze(1)
@@ -188,7 +198,7 @@ class MaskedLinear(nn.Linear):
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            m = self.soft_mask()
+            m = self.last_sample = self.soft_mask()
             with torch.no_grad():   # ring buffer of mean activations (pillar 3's "activations" importance)
                 slot = (self.history_count % self.mask_history.numel()).view(1)
                 self.mask_history.index_copy_(0, slot, m.detach().float().mean().view(1))
@@ -382,6 +392,6 @@ def compile_masks(model: "AdaptiveMambaForCausalLM") -> dict[str, CompactLinear]
     return compiled
 
 
-__all__ = ["MaskConfig", "MaskedLinear", "CompactLinear", "PROJECTIONS", "apply_masks", "compile_masks",
+__all__ = ["MASK_KINDS", "MaskConfig", "MaskedLinear", "CompactLinear", "PROJECTIONS", "apply_masks", "compile_masks",
            "compact_linear", "expected_sparsity", "format_sparsity_report", "mask_regularizer", "masked_modules",
            "set_temperature", "sparsity_report", "temperature_at"]

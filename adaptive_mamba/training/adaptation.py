@@ -6,10 +6,13 @@
   through DeepSpeed's safe_get/set API (any ZeRO stage).
 - Pillar 2 (masks): applied when the model is built; the regulariser runs inside the training forward
   (its mask logits are registered as ZeRO-3 external parameters); the temperature follows the schedule.
-- Pillar 3 (hybrid PEFT): every `peft_reallocation_frequency` steps the full model is gathered,
-  importance is computed on every rank and averaged (mask-activation history differs per rank), rank 0
-  decides, broadcasts, every rank applies the allocation and the engine and optimizer are rebuilt
-  (new adapters start with fresh Adam moments).
+- Pillar 3 (hybrid PEFT): at `first_allocation_step` (0 when fine-tuning: before the first step, so
+  adapters train from the start instead of only mask logits) and then every `peft_reallocation_frequency`
+  steps the full model is gathered, importance (gradient saliency on this rank's next batch, or the mask
+  activation history) is computed on every rank and averaged, rank 0 decides (modules whose hard mask
+  keeps nothing stay frozen), broadcasts, every rank applies the allocation and the engine is rebuilt with
+  the Adam state of every surviving parameter carried over (engine.load_optimizer_state).
+  peft_mode lora / ia3 put that adapter on every target once, at build time; full trains every weight.
 
 The model's structure (masks, adapters) is a function of this controller's state, so a checkpoint
 rebuilds it before loading weights.
@@ -27,7 +30,8 @@ from torch import Tensor, nn
 from adaptive_mamba.model import AdaptiveMambaForCausalLM
 from adaptive_mamba.pillars.common import iter_projections, resolve_module
 from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, HybridPeftConfig, apply_allocation,
-                                                decide_allocation, format_allocation_table, module_importance)
+                                                decide_allocation, detach_adapter, format_allocation_table,
+                                                module_importance, pruned_modules, uniform_allocation)
 from adaptive_mamba.pillars.masks import (MaskConfig, MaskedLinear, apply_masks, expected_sparsity,
                                           set_temperature, sparsity_report, temperature_at)
 from adaptive_mamba.pillars.persistence import save_adaptive_model
@@ -39,6 +43,8 @@ from adaptive_mamba.training.engine import permute_engine_params, zero_stage
 
 if TYPE_CHECKING:
     from adaptive_mamba.training.trainer import Trainer
+
+SALIENCY_MAX_TOKENS = 8192      # gradient saliency reads at most this many tokens of each sequence (memory bound)
 
 
 class PillarController:
@@ -53,7 +59,7 @@ class PillarController:
                                        tau_start=cfg.masking_tau, tau_end=cfg.masking_tau_final,
                                        anneal_steps=max(1, total_steps), target_sparsity=cfg.target_sparsity,
                                        sparsity_weight=cfg.sparsity_weight)
-        self.peft_cfg = self._peft_config() if cfg.peft else None
+        self.peft_cfg = self._peft_config() if cfg.peft and cfg.peft_mode != "full" else None
         self.scan_decisions: list[dict[str, Any]] = []     # every refresh, in order (costs + permutations)
         self.allocation: Optional[dict[str, Any]] = None   # the current allocation decision (serialised)
         self.allocation_history: list[dict[str, Any]] = []
@@ -64,7 +70,7 @@ class PillarController:
         return HybridPeftConfig(importance_threshold=self.cfg.importance_threshold,
                                 peft_application_ratio=self.cfg.peft_application_ratio,
                                 lora_r=self.cfg.peft_r, lora_alpha=self.cfg.peft_alpha, seed=self.cfg.seed,
-                                target_modules=self.cfg.mask_target_list)
+                                target_modules=self.cfg.mask_target_list, importance_source=self.cfg.importance_source)
 
     # -------------------------------------------------------------------------------- model structure
     def build_structure(self, model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausalLM:
@@ -75,6 +81,9 @@ class PillarController:
             if frozen:      # fine-tune: base weights stay frozen, mask logits train
                 for name, p in model.named_parameters():
                     p.requires_grad_("mask_logits" in name)
+        if self.peft_cfg is not None and self.allocation is None and self.cfg.peft_mode in ("lora", "ia3"):
+            self.allocation = uniform_allocation(model, self.cfg.peft_mode, self.peft_cfg).to_dict()
+            self.allocation_history.append({"step": 0, **self.allocation})
         if self.allocation is not None:
             self._apply_allocation(model, self.allocation)
         if self.scan_order is not None:      # the weights loaded next are in this order; record it with the model
@@ -114,12 +123,12 @@ class PillarController:
             events["decisions"].append("scan_order")
         if self.peft_cfg is not None and self._allocation_due(step) and step < self.total_steps:
             self._reallocate(trainer, step, events)
-            events["decisions"].append("allocation")
         return events
 
     def _allocation_due(self, step: int) -> bool:
-        freq, start = self.cfg.peft_reallocation_frequency, self.cfg.peft_start_step
-        first = start if start > 0 else (freq if freq > 0 else 1)
+        if self.cfg.peft_mode != "hybrid":
+            return False
+        freq, first = self.cfg.peft_reallocation_frequency, self.cfg.first_allocation_step
         if step == first:
             return True
         return step > first and freq > 0 and (step - first) % freq == 0
@@ -148,28 +157,49 @@ class PillarController:
         events["lines"].append(f"scan order refreshed at step {step}: path cost {ci:.2f} -> {ca:.2f} "
                                f"({reduction:.1f}% lower), {len(plan)} tensors permuted on every rank")
 
+    def initial_allocation(self, model: AdaptiveMambaForCausalLM, batches: list[tuple[Tensor, Tensor]]
+                           ) -> dict[str, Any]:
+        """The step-0 allocation on the freshly built model, before the engine exists (when it is due at step 0);
+        collective. Returns the events to log."""
+        events: dict[str, Any] = {"metrics": {}, "tables": [], "lines": [], "decisions": []}
+        if self.peft_cfg is not None and self._allocation_due(0):
+            self._allocate(model, batches, 0, events)
+        return events
+
     def _reallocate(self, trainer: "Trainer", step: int, events: dict[str, Any]) -> None:
-        model = trainer.full_model()                                       # collective: gathers every rank
-        importance = module_importance(model, self.peft_cfg)
-        names = sorted(importance)
-        values = all_reduce_sum([torch.tensor([float(importance[n]) for n in names], dtype=torch.float64)])[0]
+        model = trainer.full_model().to(trainer.device)                    # collective: gathers every rank
+        self._allocate(model, [trainer.upcoming_batch()], step, events)
+        trainer.rebuild_engine(model)                 # under ZeRO-3 this partitions `model`'s parameters
+
+    def _allocate(self, model: AdaptiveMambaForCausalLM, batches: list[tuple[Tensor, Tensor]], step: int,
+                  events: dict[str, Any]) -> None:
+        """Importance on every rank (averaged), decision on rank 0 (broadcast), applied to `model` on every rank."""
+        device = model.embedding.weight.device
+        batches = [(ids[:, :SALIENCY_MAX_TOKENS].to(device), labels[:, :SALIENCY_MAX_TOKENS].to(device))
+                   for ids, labels in batches]
+        importance = module_importance(model, self.peft_cfg, batches)
+        names = list(importance)                                           # model order: the same on every rank
+        values = all_reduce_sum([torch.tensor([importance[n] for n in names], dtype=torch.float64)])[0]
         importance = {n: float(v) / self.ctx.world_size for n, v in zip(names, values)}
-        decision = decide_allocation(importance, self.peft_cfg, step=step) if self.ctx.is_main else None
+        pruned = pruned_modules(model, self.peft_cfg.target_modules)      # same weights, so the same on every rank
+        decision = decide_allocation(importance, self.peft_cfg, step, pruned) if self.ctx.is_main else None
         decision = broadcast_object(decision.to_dict() if decision is not None else None)
         self._apply_allocation(model, decision)
         self.allocation = decision
         self.allocation_history.append({"step": step, **decision})
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        trainer.rebuild_engine(model)                 # under ZeRO-3 this partitions `model`'s parameters
         allocation = AllocationDecision.from_dict(decision)
         table = format_allocation_table(allocation)
+        events["decisions"].append("allocation")
         events["metrics"].update({"peft/trainable_params": trainable, "peft/trainable_pct": 100 * trainable / total})
         events["tables"].append(("peft/allocation", ["module", "importance", "kind"],
                                  [[n, importance.get(n, float("nan")), k]
                                   for n, k in allocation.kinds.items()]))
         events["lines"].append(f"PEFT allocation at step {step} ({trainable:,} trainable parameters, "
-                               f"{100 * trainable / total:.2f}%):\n{table}")
+                               f"{100 * trainable / total:.2f}%"
+                               + (f"; {len(pruned)} fully pruned module(s) left frozen" if pruned else "")
+                               + f"):\n{table}")
 
     def _apply_allocation(self, model: AdaptiveMambaForCausalLM, decision: dict[str, Any]) -> None:
         apply_allocation(model, AllocationDecision.from_dict(decision), self.peft_cfg)
@@ -249,24 +279,20 @@ class PillarController:
 
 
 def merged_plain_model(model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausalLM:
-    """A plain AdaptiveMambaForCausalLM computing what `model` computes in evaluation mode: each hard mask is
-    multiplied into its base weight first (dropped structured outputs keep their bias, as the compact forward
-    does), then the LoRA / IA3 adapters are merged (LoRA's update is not masked in the adapted model, so the order
-    matters). `model` is consumed."""
+    """A plain AdaptiveMambaForCausalLM computing what `model` computes in evaluation mode: the LoRA / IA3
+    adapters are merged into their base weights first (the adapted layer computes (W + delta) * M), then each hard
+    mask is multiplied into its weight (dropped structured outputs keep their bias, as the compact forward does).
+    `model` is consumed."""
     with torch.no_grad():
         for name, _, module, _ in iter_projections(model):
-            holder, attr = (module, "base_layer") if isinstance(module, (LoraLayer, IA3Layer)) else \
-                resolve_module(model, name)[:2]
-            layer = getattr(holder, attr)
+            if isinstance(module, (LoraLayer, IA3Layer)):
+                detach_adapter(model, name, merge=True)
+            parent, attr, layer = resolve_module(model, name)
             if isinstance(layer, MaskedLinear):
                 layer.weight.mul_(layer.expand(layer.hard_mask().to(layer.weight.dtype)))
                 plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
                 plain.weight, plain.bias = layer.weight, layer.bias
-                setattr(holder, attr, plain)
-            if isinstance(module, (LoraLayer, IA3Layer)):
-                module.merge(adapter_names=list(module.active_adapters))
-                parent, pattr, _ = resolve_module(model, name)
-                setattr(parent, pattr, module.get_base_layer())
+                setattr(parent, attr, plain)
     config = type(model.config).from_dict(model.config.to_dict())
     config.extra = {k: v for k, v in config.extra.items() if k not in ("masks", "hybrid_peft")}
     config.extra["merged"] = {"masks_baked": True, "adapters_merged": True}

@@ -73,14 +73,19 @@ class TrainConfig:
     target_sparsity: float = 0.5
     sparsity_weight: float = 0.1
 
-    # --- pillar 3: hybrid PEFT
+    # --- pillar 3: hybrid PEFT (and its controls)
     peft: bool = True
+    peft_mode: str = "hybrid"               # hybrid (allocation by importance) | lora / ia3 (that adapter on every
+                                            # mask_targets projection) | full (no adapters, every weight trains)
+    importance_source: str = "saliency"     # hybrid: saliency (mean |W * grad|, masks optional) | activations (mean
+                                            # mask activation over the last 100 steps; needs masking)
     importance_threshold: float = 0.5
     peft_application_ratio: float = 0.3
     peft_r: int = 8
     peft_alpha: float = 16.0
     peft_reallocation_frequency: int = 100  # optimizer steps between reallocations (0: only once at peft_start_step)
-    peft_start_step: int = 0                # first allocation at this step (0: the first reallocation step)
+    peft_start_step: Optional[int] = None   # first allocation (0: before the first step); None: 0 when fine-tuning
+                                            # (frozen base), else peft_reallocation_frequency
 
     # --- evaluation
     eval_every: int = 0                     # optimizer steps between evals (0: only at start and end)
@@ -116,13 +121,22 @@ class TrainConfig:
                 raise ConfigValueError(key, value, f"must be {rule}")
         choices = {"precision": ("fp32", "bf16"), "lr_schedule": ("cosine", "constant"),
                    "packing": ("pack", "pad"), "mask_granularity": ("structured", "unstructured"),
+                   "peft_mode": ("hybrid", "lora", "ia3", "full"), "importance_source": ("saliency", "activations"),
                    "nan_policy": ("error",), "wandb_mode": ("auto", "online", "offline", "disabled"),
                    "gradient_checkpointing": (True, False, "auto")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
-        if self.peft and not self.masking:
-            raise ValueError("peft=true needs masking=true: pillar 3 ranks modules by their mask logits")
+        if self.peft and self.peft_mode == "hybrid" and self.importance_source == "activations":
+            if not self.masking:
+                raise ValueError("importance_source=activations needs masking=true (it averages mask activations); "
+                                 "use importance_source=saliency without masks")
+            if self.first_allocation_step == 0:
+                raise ValueError("importance_source=activations has no mask history before the first step: set "
+                                 "peft_start_step >= 1 or importance_source=saliency")
+        if self.peft and self.peft_mode == "full" and self.freeze_base:
+            raise ValueError("peft_mode=full trains every weight: drop freeze_base=true (or pick peft_mode "
+                             "hybrid/lora/ia3)")
         if self.data_dir is None and self.data_source is None:
             raise ValueError("set data_dir (shards built by `python -m data_prep`) or data_source "
                              "(e.g. data_source=stdlib) so the run has data")
@@ -140,7 +154,16 @@ class TrainConfig:
 
     @property
     def freeze_base_weights(self) -> bool:
+        if self.peft and self.peft_mode == "full":
+            return False
         return self.init_from is not None if self.freeze_base is None else bool(self.freeze_base)
+
+    @property
+    def first_allocation_step(self) -> int:
+        """The step of the first hybrid allocation (0: from gradient saliency before any training step)."""
+        if self.peft_start_step is not None:
+            return self.peft_start_step
+        return 0 if self.freeze_base_weights else max(1, self.peft_reallocation_frequency)
 
     def model_config(self, vocab_size: int) -> AdaptiveMambaConfig:
         """The architecture of a model trained from scratch (`vocab_size` from the tokenizer unless set)."""
@@ -194,7 +217,7 @@ _NUMERIC_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "peft_reallocation_frequency": _at_least(0), "peft_start_step": _at_least(0), "eval_every": _at_least(0),
     "eval_batches": _at_least(1), "save_every": _at_least(0), "keep_last": _at_least(1), "log_every": _at_least(1),
 }
-_OPTIONAL_NUMBERS = {"vocab_size", "data_max_mb", "mask_learning_rate"}
+_OPTIONAL_NUMBERS = {"vocab_size", "data_max_mb", "mask_learning_rate", "peft_start_step"}
 
 
 def _field_types() -> dict[str, Any]:

@@ -5,6 +5,10 @@ The JSON files in ds_configs/ leave batch sizes, clipping and bf16 as "auto": th
 TrainConfig, so one run has one source of truth. An explicit value that disagrees is an error.
 The optimizer is always torch's AdamW, passed in: a config-built optimizer would become
 FusedAdam/CPUAdam and trigger a ~1 minute JIT build on CPU.
+
+When the pillars change which parameters train, the engine is rebuilt; `optimizer_state` /
+`load_optimizer_state` carry the Adam moments of every parameter that survives (matched by name without
+peft's ".base_layer") and each parameter group's step, through DeepSpeed's safe_get/set API (any ZeRO stage).
 """
 from __future__ import annotations
 
@@ -76,9 +80,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if not (decay or no_decay or masks):
         raise ValueError("the model has no trainable parameters (freeze_base with masking and peft both off?)")
     mask_scale = (cfg.mask_learning_rate or cfg.learning_rate) / cfg.learning_rate
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-                          {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-                          {"params": masks, "weight_decay": 0.0, "lr_scale": mask_scale}) if g["params"]]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0, "role": "decay"},
+                          {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "role": "no_decay"},
+                          {"params": masks, "weight_decay": 0.0, "lr_scale": mask_scale, "role": "masks"})
+              if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_eps)
 
@@ -125,13 +130,7 @@ def permute_engine_params(engine, plan: Iterable[tuple[str, Callable[[torch.Tens
                                  safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
     params = dict(engine.module.named_parameters())
-    base_opt = getattr(engine.optimizer, "optimizer", engine.optimizer)   # the torch optimizer under any wrapper
-    if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
-        # The one private access, justified: ZeRO-1/2 and the bf16 optimizer link parameters to their Adam-moment
-        # fragments once, after the first step, and a partition whose moments appeared later stays unlinked (2 ranks,
-        # ZeRO-2: "exp_avg not found in optimizer state fragment"); DeepSpeed has no public call that relinks.
-        engine.optimizer._hp_optimizer_states_linked = False
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    base_opt = _relinked_optimizer(engine)
     for name, fn in plan:
         if name not in params:
             raise KeyError(f"reparametrisation plan names {name!r}, which the model does not have")
@@ -150,5 +149,106 @@ def permute_engine_params(engine, plan: Iterable[tuple[str, Callable[[torch.Tens
             continue
         shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
         safe_set_full_fp32_param(p, fn(master.reshape(shape)))
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in MOMENTS:
             safe_set_full_optimizer_state(p, fn(safe_get_full_optimizer_state(p, key).reshape(shape)), key)
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _relinked_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under any DeepSpeed wrapper, with ZeRO-1/2/bf16 moment links refreshed: those link each
+    parameter to its Adam-moment fragments once, at the first step, and never again, so state that appeared later
+    would be invisible to safe_get/set_full_optimizer_state."""
+    if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+        # The one private access, justified: ZeRO-1/2 and the bf16 optimizer link parameters to their Adam-moment
+        # fragments once, after the first step, and a partition whose moments appeared later stays unlinked (2 ranks,
+        # ZeRO-2: "exp_avg not found in optimizer state fragment"); DeepSpeed has no public call that relinks.
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _state_groups(engine) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
+    """(param group, the tensors the torch optimizer keeps Adam state for in it) at any ZeRO stage. ZeRO-3 leaves
+    the groups empty outside step() and keeps its fp32 partitions per sub-group."""
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        return [(base.param_groups[opt.sub_group_to_group_id[i]], [flat])
+                for i, flat in enumerate(opt.fp32_partitioned_groups_flat)]
+    return [(group, list(group["params"])) for group in base.param_groups]
+
+
+def _get_moment(p: nn.Parameter, key: str):
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    try:
+        return safe_get_full_optimizer_state(p, key)
+    except (KeyError, AttributeError, TypeError):
+        return None                                    # before the first optimizer step there are no moments
+
+
+def _is_zero(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def canonical_param_name(name: str) -> str:
+    """A parameter's name without peft's '.base_layer': stable when an adapter is added to or merged from its
+    module."""
+    return name.replace(".base_layer", "")
+
+
+def optimizer_state(engine) -> dict[str, Any]:
+    """{"moments": {canonical name: {"exp_avg", "exp_avg_sq"}} of every trainable parameter (full tensors, CPU),
+    "steps": {group role: Adam step}}. A collective under ZeRO: every rank calls it."""
+    base_opt = _relinked_optimizer(engine)
+    moments: dict[str, dict[str, torch.Tensor]] = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if _is_zero(p):
+            shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
+            found = {key: _get_moment(p, key) for key in MOMENTS}
+            state = {k: v.detach().cpu().reshape(shape).clone() for k, v in found.items() if v is not None}
+        else:
+            state = {k: v.detach().cpu().clone() for k, v in base_opt.state.get(p, {}).items() if k in MOMENTS}
+        if state:
+            moments[canonical_param_name(name)] = state
+    steps: dict[Any, float] = {}
+    for group, tensors in _state_groups(engine):
+        for q in tensors:
+            if "step" in base_opt.state.get(q, {}):
+                steps[group.get("role")] = max(steps.get(group.get("role"), 0.0), float(base_opt.state[q]["step"]))
+    return {"moments": moments, "steps": steps}
+
+
+@torch.no_grad()
+def load_optimizer_state(engine, saved: dict[str, Any]) -> list[str]:
+    """Give a freshly built engine the Adam state of `saved` (from optimizer_state of the previous engine): the
+    moments of every trainable parameter found there by canonical name, and each group's step by role. Parameters
+    not in `saved` (new adapters) start with zero moments at their group's step, so their first updates are
+    smaller than a fresh Adam's bias-corrected ones. Returns the carried names. A collective under ZeRO."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    base_opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group, tensors in _state_groups(engine):   # torch Adam creates its state lazily at the first step: now
+        step = saved["steps"].get(group.get("role"), 0.0)
+        for q in tensors:
+            state = base_opt.state[q]
+            if not state:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(q), exp_avg_sq=torch.zeros_like(q))
+            state["step"].fill_(step)
+    _relinked_optimizer(engine)
+    carried = []
+    for name, p in engine.module.named_parameters():
+        moments = saved["moments"].get(canonical_param_name(name))
+        if not p.requires_grad or moments is None:
+            continue
+        for key, value in moments.items():
+            if _is_zero(p):
+                safe_set_full_optimizer_state(p, value.to(p.device), key)
+            else:
+                base_opt.state[p][key].copy_(value.reshape(p.shape))
+        carried.append(name)
+    return carried

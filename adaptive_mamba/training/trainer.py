@@ -32,7 +32,8 @@ from adaptive_mamba.training.adaptation import PillarController
 from adaptive_mamba.training.config import TrainConfig
 from adaptive_mamba.training.data_setup import check_tokenizer, make_sampler, prepare_shards
 from adaptive_mamba.training.distributed import DistContext, all_gather_object, all_reduce_sum, any_rank, barrier
-from adaptive_mamba.training.engine import build_engine, full_state_dict, load_ds_config, zero_stage
+from adaptive_mamba.training.engine import (build_engine, full_state_dict, load_ds_config, load_optimizer_state,
+                                            optimizer_state, zero_stage)
 from adaptive_mamba.training.monitoring import Monitor, peak_memory_mb, resume_history
 
 EXIT_PREEMPTED = 99
@@ -145,8 +146,10 @@ class Trainer:
             self.sampler.load_state_dict(resume_state["data"])
             self.pillars.load_state_dict(resume_state["pillars"])
         self.model_config = self._model_config()
-        self.rebuild_engine(self._fresh_model())
+        model = self._fresh_model().to(self.device)
         self.step = 0
+        initial = self.pillars.initial_allocation(model, [self.upcoming_batch()]) if resume_state is None else None
+        self.rebuild_engine(model)
         if resume_state is not None:
             self._load(self.resume_from, resume_state)
         else:
@@ -158,6 +161,10 @@ class Trainer:
             resume_history(self.output_dir / "consistency.jsonl", self.step)
             self.history = [StepRecord(**{k: r.get(k, 0) for k in StepRecord.__dataclass_fields__})
                             for r in resume_history(self._metrics_file, self.step)]
+        if initial is not None:
+            if self.cfg.verify_ranks and initial.get("decisions"):
+                self.verify_ranks("+".join(initial["decisions"]))
+            self._log_events(initial, step=0)
         mode = "fine-tune from " + cfg.init_from if cfg.init_from else "from scratch"
         model = self.module.model
         self.monitor.info(
@@ -195,14 +202,19 @@ class Trainer:
 
     def rebuild_engine(self, model: AdaptiveMambaForCausalLM) -> None:
         """(Re)create the DeepSpeed engine and optimizer around `model` (at setup, and after the pillars changed
-        which parameters train)."""
+        which parameters train). A rebuild carries the Adam moments and group steps of every parameter that
+        survives it from the old optimizer to the new one."""
         model.to(self.device)
         objective = TrainingObjective(model, self.pillars.regularizer)
+        carried = None
         if self.engine is not None:
+            carried = optimizer_state(self.engine)
             self.engine.destroy()
             self.engine = None
             gc.collect()
         self.engine = build_engine(objective, self.cfg, self.ds_config)
+        if carried is not None:
+            load_optimizer_state(self.engine, carried)
         self.pillars.attach(self.module.model)
 
     @property
@@ -220,6 +232,13 @@ class Trainer:
         batch = self.sampler.batch_at(step, epoch)
         self.sampler.epoch, self.sampler.step = epoch, step + 1
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def upcoming_batch(self) -> tuple[Tensor, Tensor]:
+        """(input_ids, labels) on CPU of this rank's next training micro-batch, without advancing the data (pillar 3
+        computes gradient saliency on it)."""
+        epoch, step = divmod(self.step * self.cfg.grad_accum_steps, self.micro_per_epoch)
+        batch = self.sampler.batch_at(step, epoch)
+        return batch["input_ids"], batch["labels"]
 
     def _set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -355,20 +374,25 @@ class Trainer:
         metrics = {"train/loss": rec.loss, "train/ce": rec.ce, "train/regularizer": rec.reg, "train/lr": rec.lr,
                    "train/grad_norm": rec.grad_norm, "perf/tokens_per_s": tok_s,
                    "perf/peak_memory_mb": peak_memory_mb(), "perf/step_seconds": rec.seconds}
-        metrics.update(events.get("metrics", {}))
         if self.ctx.is_main:
             with self._metrics_file.open("a") as f:
                 f.write(json.dumps({**dataclasses.asdict(rec), "tokens_per_s": tok_s}) + "\n")
-        self.monitor.log(metrics, step=rec.step)
-        for table in events.get("tables", []):
-            self.monitor.log_table(*table, step=rec.step)
-        for line in events.get("lines", []):
-            self.monitor.info(line)
+        self._log_events(events, rec.step, metrics)
         self.monitor.advance(rec.step, rec.loss, tok_s)
         if rec.step % self.cfg.log_every == 0 or rec.step == self.total_steps:
             self.monitor.info(f"step {rec.step}/{self.total_steps} loss {rec.loss:.4f} (ce {rec.ce:.4f} + reg "
                               f"{rec.reg:.4f}) lr {rec.lr:.2e} grad_norm {rec.grad_norm:.3f} {tok_s:,.0f} tok/s "
                               f"peak {peak_memory_mb():,.0f} MiB")
+
+    def _log_events(self, events: dict[str, Any], step: int, metrics: Optional[dict[str, Any]] = None) -> None:
+        """`metrics` and a pillar refresh's metrics, tables and lines (the ranks were verified after a decision)."""
+        metrics = {**(metrics or {}), **events.get("metrics", {})}
+        if metrics:
+            self.monitor.log(metrics, step=step)
+        for table in events.get("tables", []):
+            self.monitor.log_table(*table, step=step)
+        for line in events.get("lines", []):
+            self.monitor.info(line)
 
     def verify_ranks(self, tag: str) -> str:
         """Digest of every parameter (gathered, fp32 masters), the scan order and the allocation on each rank;
