@@ -17,7 +17,7 @@ from adaptive_mamba.pillars import (AllocationDecision, HybridPeftConfig, MaskCo
                                     apply_allocation, apply_masks, current_allocation, decide_allocation,
                                     format_allocation_table, load_adaptive_model, masked_modules, module_importance,
                                     save_adaptive_model, trainable_report)
-from adaptive_mamba.pillars.common import base_layer
+from adaptive_mamba.pillars.common import base_layer, iter_projections
 from adaptive_mamba.pillars.hybrid_peft import MaskedLoraVariant, gradient_saliency, pruned_modules
 from adaptive_mamba.pillars.masks import MASK_KINDS
 
@@ -375,3 +375,14 @@ def test_save_load_restores_the_same_model(tmp_path) -> None:
 
     plain = AdaptiveMambaForCausalLM.from_pretrained(tmp_path)           # the base weights alone still load
     torch.testing.assert_close(plain.blocks[0].mixer.in_proj.weight, model.blocks[0].mixer.in_proj.base_layer.weight)
+
+
+def test_random_importance_is_a_seeded_control() -> None:
+    """importance_source=random: the same values on every rank (seed, step, name), new ones at another step."""
+    model = AdaptiveMambaForCausalLM(AdaptiveMambaConfig(d_model=16, n_layer=2, vocab_size=64))
+    cfg = HybridPeftConfig(importance_source="random", seed=3)
+    first, again = module_importance(model, cfg, step=5), module_importance(model, cfg, step=5)
+    later = module_importance(model, cfg, step=6)
+    assert first == again and first != later
+    assert list(first) == [name for name, *_ in iter_projections(model, cfg.target_modules)]
+    assert all(0.0 <= v < 1.0 for v in first.values()) and len(set(first.values())) == len(first)

@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
 
 KINDS = ("lora", "ia3", "frozen")
-IMPORTANCE_SOURCES = ("saliency", "activations")
+IMPORTANCE_SOURCES = ("saliency", "activations", "random")
 KIND_LABELS = {"lora": "LoRA", "ia3": "IA3", "frozen": "frozen"}
 ADAPTER_NAMES = {"lora": "lora", "ia3": "ia3"}     # peft adapter name per kind
 
@@ -87,7 +87,8 @@ class HybridPeftConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj")
-    importance_source: str = "saliency"      # "saliency" (mean |W * grad|) or "activations" (mean mask over T)
+    importance_source: str = "saliency"      # "saliency" (mean |W * grad|), "activations" (mean mask over T) or
+                                             # "random" (a control: uniform in [0, 1), seeded by seed and step)
     importance_window: int = 100             # T, for "activations" (at most MaskConfig.activation_window)
     train_masks: bool = True                 # keep training the mask logits next to the adapters
     on_kind_change: str = "merge"            # adapters of modules that change kind: "merge" into W or "remove"
@@ -155,11 +156,15 @@ def _mask_of(model: "AdaptiveMambaForCausalLM", name: str, module: nn.Module) ->
 
 
 def module_importance(model: "AdaptiveMambaForCausalLM", cfg: HybridPeftConfig,
-                      batches: Iterable[tuple[Tensor, Tensor]] = ()) -> dict[str, float]:
+                      batches: Iterable[tuple[Tensor, Tensor]] = (), step: int = 0) -> dict[str, float]:
     """Importance of every adaptable module, in model order (see the module docstring). "saliency" needs
-    `batches` of (input_ids, labels)."""
+    `batches` of (input_ids, labels); "random" (the study's control at the same budget) depends only on
+    (seed, step, module name), so every rank draws the same values."""
     if cfg.importance_source == "saliency":
         return gradient_saliency(model, batches, cfg.target_modules)
+    if cfg.importance_source == "random":
+        return {name: float(torch.rand((), generator=_seeded_generator(cfg, step, name)))
+                for name, _, _, _ in iter_projections(model, cfg.target_modules)}
     return mask_activation(model, cfg)
 
 

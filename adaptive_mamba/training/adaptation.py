@@ -177,7 +177,7 @@ class PillarController:
         device = model.embedding.weight.device
         batches = [(ids[:, :SALIENCY_MAX_TOKENS].to(device), labels[:, :SALIENCY_MAX_TOKENS].to(device))
                    for ids, labels in batches]
-        importance = module_importance(model, self.peft_cfg, batches)
+        importance = module_importance(model, self.peft_cfg, batches, step)
         names = list(importance)                                           # model order: the same on every rank
         values = all_reduce_sum([torch.tensor([importance[n] for n in names], dtype=torch.float64)])[0]
         importance = {n: float(v) / self.ctx.world_size for n, v in zip(names, values)}

@@ -78,7 +78,8 @@ class TrainConfig:
     peft_mode: str = "hybrid"               # hybrid (allocation by importance) | lora / ia3 (that adapter on every
                                             # mask_targets projection) | full (no adapters, every weight trains)
     importance_source: str = "saliency"     # hybrid: saliency (mean |W * grad|, masks optional) | activations (mean
-                                            # mask activation over the last 100 steps; needs masking)
+                                            # mask activation over the last 100 steps; needs masking) | random
+                                            # (a control: seeded uniform importance at the same budget)
     importance_threshold: float = 0.5
     peft_application_ratio: float = 0.3
     peft_r: int = 8
@@ -121,7 +122,7 @@ class TrainConfig:
                 raise ConfigValueError(key, value, f"must be {rule}")
         choices = {"precision": ("fp32", "bf16"), "lr_schedule": ("cosine", "constant"),
                    "packing": ("pack", "pad"), "mask_granularity": ("structured", "unstructured"),
-                   "peft_mode": ("hybrid", "lora", "ia3", "full"), "importance_source": ("saliency", "activations"),
+                   "peft_mode": ("hybrid", "lora", "ia3", "full"), "importance_source": ("saliency", "activations", "random"),
                    "nan_policy": ("error",), "wandb_mode": ("auto", "online", "offline", "disabled"),
                    "gradient_checkpointing": (True, False, "auto")}
         for key, allowed in choices.items():
