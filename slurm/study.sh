@@ -12,7 +12,8 @@
 # never redone, so resubmitting the same command with --resume runs only what is missing.
 #
 # Environment: STUDY_PYTHON (default: the repo's .venv/bin/python, else python3), STUDY_REPO (default:
-# the submit directory), STUDY_SBATCH_ARGS (extra sbatch options for the array and report jobs).
+# the submit directory), STUDY_LOG_DIR (the array and report jobs' logs; default: runs/slurm in the repo),
+# STUDY_SBATCH_ARGS (extra sbatch options for the array and report jobs).
 #
 #SBATCH --job-name=adaptive-mamba-study
 #SBATCH --nodes=1
@@ -29,16 +30,18 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 stage=${STUDY_STAGE:-driver}
 read -r -a extra <<<"${STUDY_SBATCH_ARGS:-}"
+log_dir=${STUDY_LOG_DIR:-$repo/runs/slurm}
 
 case $stage in
     driver)
+        mkdir -p "$log_dir"
         waves=$("$python" launch/study.py "$@" --prepare-only | sed -n 's/^WAVES //p')
         [[ -n $waves ]] || { echo "slurm/study.sh: --prepare-only printed no WAVES line" >&2; exit 2; }
         after=()
         wave=0
         for n in $waves; do
             job=$(sbatch --parsable "${extra[@]}" "${after[@]}" --array="0-$((n - 1))" \
-                --job-name="${SLURM_JOB_NAME:-adaptive-mamba-study}-w$wave" \
+                --job-name="${SLURM_JOB_NAME:-adaptive-mamba-study}-w$wave" --output="$log_dir/%x-%A_%a.out" \
                 --export="ALL,STUDY_STAGE=run,STUDY_WAVE=$wave,STUDY_REPO=$repo,STUDY_PYTHON=$python" \
                 slurm/study.sh "$@")
             echo "slurm/study.sh: wave $wave: $n runs in array job $job"
@@ -46,6 +49,7 @@ case $stage in
             wave=$((wave + 1))
         done
         job=$(sbatch --parsable "${extra[@]}" "${after[@]}" --job-name="${SLURM_JOB_NAME:-adaptive-mamba-study}-report" \
+            --output="$log_dir/%x-%j.out" \
             --export="ALL,STUDY_STAGE=report,STUDY_REPO=$repo,STUDY_PYTHON=$python" slurm/study.sh "$@")
         echo "slurm/study.sh: report in job $job"
         ;;
