@@ -22,7 +22,7 @@ TINY_MODE = {"seeds": 2, "regimes": ["finetune"], "grid_points": 1, "lr_sweep": 
              "corpus_mb": 0.3,
              "train": {"d_model": 32, "n_layers": 2, "seq_len": 128, "batch_size": 2, "max_steps": 8,
                        "learning_rate": 3e-3, "eval_every": 4, "log_every": 4, "eval_batches": 2,
-                       "scan_update_frequency": 4, "peft_start_step": 4, "peft_reallocation_frequency": 4}}
+                       "scan_update_frequency": 4, "peft_reallocation_frequency": 4}}
 
 
 def _definition(tmp: Path) -> Path:

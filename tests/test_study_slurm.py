@@ -23,7 +23,7 @@ def test_study_runs_as_job_arrays_and_reports(slurm_cluster: SlurmCluster, share
                                "pretrain_steps": 10, "corpus_mb": 0.2,
                                "train": {"d_model": 32, "n_layers": 1, "seq_len": 64, "batch_size": 2, "max_steps": 4,
                                          "eval_every": 2, "eval_batches": 1, "scan_update_frequency": 2,
-                                         "peft_start_step": 2, "peft_reallocation_frequency": 2}}}
+                                         "peft_reallocation_frequency": 2}}}
     spec["cells"] = {k: spec["cells"][k] for k in ("base", "all")}
     spec["controls"] = {"lora_matched": spec["controls"]["lora_matched"]}    # a second wave: needs `all`
     definition = tmp_path / "study.yaml"

@@ -8,6 +8,7 @@ the needed results exist. `wave` orders the runs so that every run comes after w
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class RunSpec:
     overrides: Mapping[str, Any]                  # TrainConfig keys (may hold MATCHED)
     lr_scale: Any = 1.0                           # a float, or SWEPT
     grid_index: Optional[int] = None
+    grid_point: Optional[Mapping[str, Any]] = None   # grid factor -> level (a factor may set several keys)
     needs: tuple[str, ...] = ()                   # run ids whose results resolve this run
     wave: int = 0
 
@@ -46,7 +48,8 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "regime": self.regime, "arm": self.arm, "seed": self.seed,
                 "overrides": dict(self.overrides), "lr_scale": self.lr_scale, "grid_index": self.grid_index,
-                "needs": list(self.needs), "wave": self.wave}
+                "grid_point": None if self.grid_point is None else dict(self.grid_point), "needs": list(self.needs),
+                "wave": self.wave}
 
 
 @dataclass
@@ -140,7 +143,8 @@ def build_plan(spec: StudySpec, mode: str, seeds: Optional[int] = None, grid: bo
         regime = regimes[0]
         factors = {k: v for k, v in spec.grid.items() if not (regime == "finetune" and k == "d_model")}
         for i, point in enumerate(grid_points(factors, int(m["grid_points"]))):
-            plan.runs.append(RunSpec(regime, "grid", 0, {**spec.cells["all"], **expand_keys(point)}, grid_index=i))
+            plan.runs.append(RunSpec(regime, "grid", 0, {**spec.cells["all"], **expand_keys(point)}, grid_index=i,
+                                     grid_point=point))
     _assign_needs(plan)
     return plan
 
@@ -163,8 +167,7 @@ def _assign_needs(plan: StudyPlan) -> None:
             needs = _needs(run, plan.runs)
             if all(n in done for n in needs):
                 wave = 1 + max((done[n].wave for n in needs), default=-1)
-                resolved = RunSpec(run.regime, run.arm, run.seed, run.overrides, run.lr_scale, run.grid_index,
-                                   tuple(needs), wave)
+                resolved = dataclasses.replace(run, needs=tuple(needs), wave=wave)
                 done[resolved.run_id] = resolved
                 ordered.append(resolved)
                 pending.remove(run)

@@ -36,7 +36,10 @@ def efficiency_surface(result: Mapping[str, Any], path: Path) -> None:
     ax.set_ylabel("log10 trainable parameters")
     ax.set_zlabel("validation loss (nats)")
     ax.set_title("Efficiency surface")
-    ax.legend(fontsize=7, loc="upper left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left")
+    else:
+        ax.text2D(0.5, 0.5, "no run reported FLOPs and parameters", ha="center", transform=ax.transAxes)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
