@@ -224,10 +224,12 @@ class PillarController:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         values["trainable_pct"] = round(100 * trainable / total, 2)
+        values["trainable_params"], values["total_params"] = trainable, total
         if self.mask_cfg is not None:
             rep = sparsity_report(model)
             values["sparsity"] = round(rep["sparsity"], 4)
             values["executed_flops_ratio"] = round(rep["executed_flops"] / rep["dense_flops"], 4)
+            values["module_sparsity"] = {name: r["sparsity"] for name, r in rep["modules"].items()}
             parts.append(f"mask sparsity {100 * rep['sparsity']:.1f}% (target {100 * self.cfg.target_sparsity:.0f}%; "
                          f"evaluation executes {100 * values['executed_flops_ratio']:.1f}% of the dense projection "
                          "FLOPs)")
@@ -244,6 +246,7 @@ class PillarController:
             kinds = AllocationDecision.from_dict(self.allocation).kinds
             counts = {k: sum(1 for v in kinds.values() if v == k) for k in ("lora", "ia3", "frozen")}
             values["allocation"] = counts
+            values["allocation_history"] = self.allocation_history
             parts.append(f"allocation after {len(self.allocation_history)} decision(s): LoRA (r={self.cfg.peft_r}) on "
                          f"{counts['lora']}, IA3 on {counts['ia3']}, frozen {counts['frozen']} of {len(kinds)} modules")
         return {"values": values, "text": "Pillars: " + "; ".join(parts) + "."}

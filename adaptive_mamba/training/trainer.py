@@ -498,6 +498,7 @@ class Trainer:
             "train_loss_first": first.loss if first else None, "train_loss_last": last.loss if last else None,
             "eval_loss_first": self.evals[0][1] if self.evals else None,
             "eval_loss_last": self.evals[-1][1] if self.evals else None,
+            "evals": [list(e) for e in self.evals],
             "peak_memory_mb": round(peak_memory_mb(), 1), "checkpoint": str(checkpoint),
             "wandb_dir": self.monitor.run_dir if self.monitor else None, **report["values"]}
         loss_part = (f"train loss {first.loss:.3f} -> {last.loss:.3f}" if first else "no steps run")
