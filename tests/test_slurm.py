@@ -244,3 +244,18 @@ def test_scancel_sigterm_with_wandb_saves_a_complete_checkpoint(slurm_cluster: S
     state = verify_checkpoint(checkpoint)                 # complete: every file matches its manifest
     assert state["step"] == max(m["step"] for m in read_metrics(out)) >= 3
     assert sorted(p.name for p in checkpoint.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+
+
+def test_bad_input_exits_2_under_srun(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+    """The exit contract under srun: a bad value is exit 2 of the job (the ranks' records), not 1."""
+    env = {**os.environ, "TRAIN_LOG_DIR": str(tmp_path / "logs"), "TRAIN_PYTHON": sys.executable}
+    job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--job-name=bad", f"--chdir={tmp_path}",
+                                  f"--output={tmp_path}/%x-%j.out", str(REPO / "slurm" / "train.sh"),
+                                  "data_source=stdlib", f"output_dir={tmp_path / 'out'}", "peft_r=0", env=env, cwd=REPO)
+    record = slurm_cluster.wait_until_finished(job_id, timeout=180)
+    batch_log = (tmp_path / f"bad-{job_id}.out").read_text()
+    assert (record["JobState"], record["ExitCode"]) == ("FAILED", "2:0"), (record, batch_log)
+    assert "training failed with exit status 2" in batch_log
+    records = [json.loads(p.read_text()) for p in (tmp_path / "logs" / f"bad-{job_id}" / "exit-attempt-1").glob("*.json")]
+    assert sorted(r["code"] for r in records) == [2, 2]
+    assert "peft_r=0 is invalid: it must be >= 1" in records[0]["message"]
