@@ -43,7 +43,9 @@ except SandboxError as exc:
 
 
 def sandbox_processes() -> list[int]:
-    """PIDs of live processes started by any sandbox (their command line carries MARKER)."""
+    """PIDs of live processes of the sandboxes this process started (their command line carries
+    MARKER and our pid)."""
+    tag = f"{MARKER}-{os.getpid()}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -51,7 +53,7 @@ def sandbox_processes() -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if MARKER.encode() in cmdline and "pytest" not in cmdline.decode(errors="replace"):
+            if tag in cmdline.split(b"\0"):
                 pids.append(int(entry.name))
     return pids
 

@@ -289,3 +289,33 @@ def test_lm_eval_adapter_equals_the_suite_on_a_local_wikitext_task(model_dir, sh
     assert harness["word_perplexity,none"] == pytest.approx(ours["word_perplexity"], rel=1e-6)
     assert harness["byte_perplexity,none"] == pytest.approx(ours["byte_perplexity"], rel=1e-6)
     assert harness["bits_per_byte,none"] == pytest.approx(ours["bits_per_byte"], rel=1e-6)
+
+
+def test_lm_eval_adapter_loglikelihood_and_generation(model_dir):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from adaptive_mamba.evaluation.generation import generate_batch
+    from adaptive_mamba.evaluation.lm_eval_adapter import AdaptiveMambaLM
+
+    lm = AdaptiveMambaLM(pretrained=str(model_dir), device="cpu")
+    tok, model = lm.tokenizer, lm.model
+    context = "The capital of France is"
+    greedy = generate_batch(model, tok, tok.encode(context), 1, 3)[0]
+
+    def request(kind: str, *args) -> Instance:
+        return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+    (logprob, is_greedy), (_, other_greedy) = lm.loglikelihood(
+        [request("loglikelihood", context, greedy), request("loglikelihood", context + " ", "Paris")])
+    ids = tok.encode(context) + tok.encode(greedy)
+    with torch.no_grad():
+        logits = model.lm_head(model.hidden_states(torch.tensor([ids[:-1]]))).float()
+    n = len(tok.encode(greedy))
+    expected = torch.log_softmax(logits[0, -n:], -1).gather(1, torch.tensor(ids[-n:])[:, None]).sum()
+    assert logprob == pytest.approx(float(expected), abs=1e-4) and is_greedy
+    assert isinstance(other_greedy, bool)
+    assert len(greedy) >= 2
+    until = greedy[len(greedy) // 2:]  # a stop string inside the greedy text cuts it there
+    [text] = lm.generate_until([request("generate_until", context, {"until": [until], "max_gen_toks": 3})])
+    assert text == greedy[:greedy.find(until)]

@@ -37,7 +37,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-# Every sandboxed process carries this word in its command line (so tests can look for leftovers).
+# Every sandboxed process carries this word and the launching process's pid in its command line
+# (so tests can look for leftovers of their own runs).
 MARKER = "adaptive_mamba_sandbox"
 OUTPUT_CAP = 8192  # characters of output kept per program (the tail: where tracebacks are)
 UNAVAILABLE_HINT = ("install bubblewrap (`apt-get install -y bubblewrap`) and allow unprivileged "
@@ -145,7 +146,7 @@ def _bwrap_command(python: str, prefix: str, program_fd: int, token_fd: int, pro
             "prlimit", f"--as={memory_mb * 2**20}", f"--data={memory_mb * 2**20}",
             f"--cpu={int(timeout) + 1}", f"--nproc={max_processes}", f"--fsize={16 * 2**20}",
             "--nofile=64", "--core=0", "--",
-            python, "-I", "-S", "-B", "-c", DRIVER, MARKER, str(token_fd), str(proof_fd),
+            python, "-I", "-S", "-B", "-c", DRIVER, f"{MARKER}-{os.getpid()}", str(token_fd), str(proof_fd),
             GUARD if guard else ""]
     return cmd
 

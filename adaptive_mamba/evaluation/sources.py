@@ -77,11 +77,16 @@ def _data_rows(path: Path, task: str, required: dict) -> list[dict]:
     return rows
 
 
+PARQUET_REVISION = "refs/convert/parquet"  # the hub's parquet conversion: CONFIG/SPLIT/NNNN.parquet
+
+
 def load_hub(task: str, repo: str, config: str | None, split: str, revision: str | None = None):
     """A data set from the Hugging Face hub; offline (or on any hub failure) an InputError that
-    says how to pass local files instead."""
+    says how to pass local files instead. On the parquet-conversion branch a config is a folder."""
     try:
         from datasets import load_dataset
+        if revision == PARQUET_REVISION:
+            return load_dataset(repo, data_dir=config or "default", split=split, revision=revision)
         return load_dataset(repo, config, split=split, revision=revision)
     except Exception as exc:  # noqa: BLE001 - offline, missing or refused: all mean "use local files"
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
@@ -129,7 +134,7 @@ def load_wikitext(path: Path | None) -> list[dict]:
 def load_books(path: Path | None) -> list[dict]:
     """Whole books: every `.txt` file of a folder (sorted), or the HF `pg19` test split."""
     if path is None:
-        rows = load_hub("pg19", "deepmind/pg19", None, "test", revision="refs/convert/parquet")
+        rows = load_hub("pg19", "deepmind/pg19", None, "test", revision=PARQUET_REVISION)
         return [{"id": str(r["short_book_title"]), "text": r["text"]} for r in rows]
     files = sorted(path.glob("*.txt")) if path.is_dir() else [_existing(path, "pg19")]
     if not files:
@@ -158,7 +163,7 @@ def load_hotpotqa(path: Path | None) -> list[dict]:
     supporting_facts = [[title, sentence index]]."""
     if path is None:
         rows = load_hub("hotpotqa", "hotpotqa/hotpot_qa", "distractor", "validation",
-                        revision="refs/convert/parquet")
+                        revision=PARQUET_REVISION)
         return [{"id": r["id"], "question": r["question"], "answer": r["answer"],
                  "context": [[t, s] for t, s in zip(r["context"]["title"], r["context"]["sentences"])],
                  "supporting_facts": [[t, i] for t, i in zip(r["supporting_facts"]["title"],

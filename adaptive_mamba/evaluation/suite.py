@@ -252,29 +252,38 @@ def _report_coverage(task: str, scores: dict) -> None:
         warn(f"{task}: {scores['warning']}")
 
 
+def _run_tasks(cfg: EvalConfig, store: ResultsStore, log_samples: bool, score) -> dict:
+    """For every task of `cfg` not finished in `store`: `score(task, examples)` gives (scores,
+    per-sample records, prediction rows or None); the task is stored as soon as it is done."""
+    for task in _sandbox_usable(cfg.tasks, store):
+        if store.done(task):
+            warn(f"{task}: already in {store.out}, skipped (pass --overwrite to redo it)")
+            continue
+        t0 = time.perf_counter()
+        examples = _examples(task, cfg)  # all gold examples: a missing prediction scores 0
+        scores, samples, rows = score(task, examples)
+        if task in T.GENERATIVE_TASKS:
+            _report_coverage(task, scores)
+        store.add(task, {"count": len(examples), "seconds": time.perf_counter() - t0, "scores": scores},
+                  samples if log_samples or task == "humaneval" else None, rows)
+    return store.results
+
+
 def run_suite(model, tokenizer, cfg: EvalConfig, model_name: str, out: Path,
               overwrite: bool = False, log_samples: bool = False, extra_settings: dict | None = None) -> dict:
     """Evaluate `model` on every task of `cfg`, writing results to `out` as each task finishes
     (tasks already finished in `out` by a run with the same settings are skipped)."""
     model.eval()
-    store = ResultsStore(out, model_name, _settings(cfg, extra_settings), overwrite)
-    for task in _sandbox_usable(cfg.tasks, store):
-        if store.done(task):
-            warn(f"{task}: already in {out}, skipped (pass --overwrite to redo it)")
-            continue
-        t0 = time.perf_counter()
-        examples = _examples(task, cfg)
+
+    def score(task: str, examples: list[dict]):
         if task in T.PERPLEXITY_TASKS:
-            scores, samples = _perplexity_task(task, examples, model, tokenizer, cfg, store, model_name)
-            rows = None
-        else:
-            preds = _generate(task, examples, model, tokenizer, cfg)
-            scores, samples = score_task(task, examples, preds, cfg)
-            rows = [{"task": task, "id": k, "prediction": p} for k, ps in preds.items() for p in ps]
-            _report_coverage(task, scores)
-        store.add(task, {"count": len(examples), "seconds": time.perf_counter() - t0, "scores": scores},
-                  samples if log_samples or task == "humaneval" else None, rows)
-    return store.results
+            return (*_perplexity_task(task, examples, model, tokenizer, cfg, store, model_name), None)
+        preds = _generate(task, examples, model, tokenizer, cfg)
+        rows = [{"task": task, "id": k, "prediction": p} for k, ps in preds.items() for p in ps]
+        return (*score_task(task, examples, preds, cfg), rows)
+
+    store = ResultsStore(out, model_name, _settings(cfg, extra_settings), overwrite)
+    return _run_tasks(cfg, store, log_samples, score)
 
 
 def _check_str(value, what: str, where: str) -> str:
@@ -349,18 +358,9 @@ def score_prediction_file(path: Path, cfg: EvalConfig, out: Path,
         raise InputError(f"{path} has no predictions for {', '.join(missing)}; "
                          f"it covers {', '.join(preds.texts)}")
     store = ResultsStore(out, f"predictions:{path}", _settings(cfg), overwrite)
-    for task in _sandbox_usable(cfg.tasks, store):
-        if store.done(task):
-            warn(f"{task}: already in {out}, skipped (pass --overwrite to redo it)")
-            continue
-        t0 = time.perf_counter()
-        examples = _examples(task, cfg)  # all gold examples: a missing prediction scores 0
-        scores, samples = score_task(task, examples, preds.texts[task], cfg,
-                                     preds.supporting_facts if task == "hotpotqa" else None)
-        _report_coverage(task, scores)
-        store.add(task, {"count": len(examples), "seconds": time.perf_counter() - t0, "scores": scores},
-                  samples if log_samples or task == "humaneval" else None)
-    return store.results
+    return _run_tasks(cfg, store, log_samples, lambda task, examples: (*score_task(
+        task, examples, preds.texts[task], cfg,
+        preds.supporting_facts if task == "hotpotqa" else None), None))
 
 
 def headline_scores(task_result: dict) -> dict[str, tuple[float, float | None]]:
