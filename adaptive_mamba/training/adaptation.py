@@ -28,11 +28,11 @@ from adaptive_mamba.model import AdaptiveMambaForCausalLM
 from adaptive_mamba.pillars.common import iter_projections, resolve_module
 from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, HybridPeftConfig, apply_allocation,
                                                 decide_allocation, format_allocation_table, module_importance)
-from adaptive_mamba.pillars.masks import (MaskConfig, MaskedLinear, apply_masks, expected_sparsity,
+from adaptive_mamba.pillars.masks import (MaskConfig, MaskedLinear, apply_masks, mask_regularizer,
                                           set_temperature, sparsity_report, temperature_at)
 from adaptive_mamba.pillars.persistence import save_adaptive_model
 from adaptive_mamba.pillars.scan_order import (ScanOrderDecision, ScanStatsCollector, current_scan_order,
-                                               decide_scan_order, reparametrization_plan)
+                                               decide_scan_order, reorder_block_sizes, reparametrization_plan)
 from adaptive_mamba.training.config import TrainConfig
 from adaptive_mamba.training.distributed import DistContext, all_reduce_sum, broadcast_object
 from adaptive_mamba.training.engine import permute_engine_params, zero_stage
@@ -95,10 +95,10 @@ class PillarController:
 
     # ----------------------------------------------------------------------------------- per step
     def regularizer(self, model: AdaptiveMambaForCausalLM) -> Tensor:
-        """sparsity_weight * |expected sparsity - target| over the masked projections (0 without masks)."""
+        """masks.mask_regularizer (0 without masks): sparsity_weight * |sparsity - target| over the masks."""
         if self.mask_cfg is None or not model.training:
             return torch.zeros((), device=model.embedding.weight.device)
-        return self.mask_cfg.sparsity_weight * (expected_sparsity(model) - self.mask_cfg.target_sparsity).abs()
+        return mask_regularizer(model, self.mask_cfg)
 
     def on_step_begin(self, model: AdaptiveMambaForCausalLM, step: int) -> None:
         if self.mask_cfg is not None:
@@ -128,11 +128,12 @@ class PillarController:
         tensors = self.collector.state_tensors()
         for t, total in zip(tensors, all_reduce_sum(tensors)):
             t.copy_(total)
-        decision = decide_scan_order(self.collector, step=step) if self.ctx.is_main else None
-        decision = ScanOrderDecision.from_dict(broadcast_object(decision.to_dict() if decision else None))
         model = trainer.module.model
-        # the plan reads parameter shapes: under ZeRO-3 (partitioned) plan on a gathered copy (same names)
+        # the plan reads parameter shapes and mask logits: under ZeRO-3 (partitioned) plan on a gathered copy
         plan_model = trainer.full_model() if zero_stage(trainer.ds_config) == 3 else model
+        decision = decide_scan_order(self.collector, step=step, block_sizes=reorder_block_sizes(plan_model)) \
+            if self.ctx.is_main else None
+        decision = ScanOrderDecision.from_dict(broadcast_object(decision.to_dict() if decision else None))
         plan = [(f"model.{op.name}", op.apply) for op in reparametrization_plan(plan_model, decision)]
         permute_engine_params(trainer.engine, plan)
         order = current_scan_order(model)
