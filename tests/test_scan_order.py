@@ -232,7 +232,7 @@ def masked_tiny_model(kind: str) -> AdaptiveMambaForCausalLM:
     return model
 
 
-@pytest.mark.parametrize("kind", ["structured", "unstructured"])
+@pytest.mark.parametrize("kind", ["structured", "unstructured", "channel"])
 def test_refresh_with_default_masks_is_exact(kind: str) -> None:
     """A refresh decided from real statistics leaves eval logits and every module's realised sparsity unchanged."""
     model = masked_tiny_model(kind)
@@ -243,7 +243,7 @@ def test_refresh_with_default_masks_is_exact(kind: str) -> None:
     model(ids)
     model.eval()
     sizes = reorder_block_sizes(model)
-    assert sizes == ([8, 8] if kind == "structured" else [1, 1])
+    assert sizes == ([8, 8] if kind == "structured" else [1, 1])     # channel / unstructured: free
     decision = decide_scan_order(collector, block_sizes=sizes)
     assert all(p != list(range(len(p))) for p in decision.perms)
     if kind == "structured":      # whole blocks of 8 move together
@@ -251,12 +251,17 @@ def test_refresh_with_default_masks_is_exact(kind: str) -> None:
             blocks = torch.tensor(perm).view(-1, 8) // 8
             assert bool((blocks == blocks[:, :1]).all())
     sparsity = {n: m.realised_sparsity() for n, m in masked_modules(model).items()}
+    logits = {n: m.mask_logits.detach().clone() for n, m in masked_modules(model).items()}
     with torch.no_grad():
         ref = model(ids).logits
         apply_scan_order(model, decision, collector=collector)
         out = model(ids).logits
     assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
     assert {n: m.realised_sparsity() for n, m in masked_modules(model).items()} == sparsity
+    if kind == "channel":         # each channel's logit moved with its channel
+        for i, perm in enumerate(decision.perms):
+            name = f"blocks.{i}.mixer.channel_mask"
+            assert torch.equal(masked_modules(model)[name].mask_logits, logits[name][torch.tensor(perm)])
 
 
 def test_free_reorder_only_while_block_logits_are_equal() -> None:

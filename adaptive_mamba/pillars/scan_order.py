@@ -319,7 +319,7 @@ def reparametrization_plan(model: "AdaptiveMambaForCausalLM", decision: ScanOrde
         prefix = f"blocks.{i}.mixer"
         for rel, param in mixer.named_parameters():
             head = rel.split(".")[0]
-            if head in ("A_log", "D"):
+            if head in ("A_log", "D") or rel == "channel_mask.mask_logits":    # one value per channel
                 plan.append(PermuteOp(f"{prefix}.{rel}", 0, perm))
             elif head == "conv1d":
                 if rel not in ("conv1d.weight", "conv1d.bias"):
