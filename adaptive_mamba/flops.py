@@ -18,8 +18,11 @@ ChannelMask at evaluation the kept channels only (compact mixer); LoRA adds 2 T 
 add), IA3 one multiply per scaled feature.
 
 Training step = forward + backward (+ one more forward of every block under activation checkpointing). Backward:
-each matmul costs its forward once for the input gradient, and once more for the weight gradient when that weight
-(or a mask over it) trains; elementwise work (scan, norms, masks) costs twice its forward.
+each matmul and the conv cost their forward once for the input gradient, and once more for the weight gradient when
+that weight (or a mask over it) trains; lm_loss computes the logits of the seq_len - 1 predicted positions and
+recomputes them in backward; elementwise work (scan, norms, masks) costs twice its forward. FlopCounterMode agrees
+on every matmul of the step; it counts the depthwise conv's backward as if it were dense (groups ignored), so the
+conv backward is this module's count.
 """
 from __future__ import annotations
 
@@ -125,7 +128,8 @@ def _count(model: "AdaptiveMambaForCausalLM", seq_len: int, batch: int,
         scan = batch * comps["scan"] + (2 * T * mixer.d_inner if mask is not None else 0)   # u and y times the mask
         add(f"{prefix}.scan", 0, scan, False)
     add("norm_f", 0, NORM_PER_ELEMENT * T * cfg.d_model, False)
-    head = 2 * T * cfg.d_model * cfg.padded_vocab_size
+    # training computes the loss only (lm_loss: the seq_len - 1 positions with a next token, never the full logits)
+    head = 2 * batch * (seq_len - 1 if training else seq_len) * cfg.d_model * cfg.padded_vocab_size
     add("lm_head", head, 0, model.lm_head.weight.requires_grad)
     if training:
         backward += head      # lm_loss recomputes each chunk's logits in backward
@@ -133,8 +137,8 @@ def _count(model: "AdaptiveMambaForCausalLM", seq_len: int, batch: int,
 
 
 def model_flops(model: "AdaptiveMambaForCausalLM", seq_len: int, batch: int = 1) -> FlopCount:
-    """Forward FLOPs of `model` in its current mode (train / eval) and the FLOPs of one training step, for `batch`
-    sequences of `seq_len` tokens (logits of every position)."""
+    """Forward FLOPs of `model` in its current mode (train / eval; logits of every position) and the FLOPs of one
+    training step (the loss of the seq_len - 1 predicted positions), for `batch` sequences of `seq_len` tokens."""
     if seq_len < 1 or batch < 1:
         raise ValueError(f"seq_len and batch must be >= 1, got {seq_len}, {batch}")
     forward, matmul, _ = _count(model, seq_len, batch, model.training)
