@@ -16,6 +16,7 @@ rebuilds it before loading weights.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -28,7 +29,8 @@ from adaptive_mamba.model import AdaptiveMambaForCausalLM
 from adaptive_mamba.pillars.common import iter_projections, resolve_module
 from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, HybridPeftConfig, apply_allocation,
                                                 decide_allocation, format_allocation_table, module_importance)
-from adaptive_mamba.pillars.masks import (MaskConfig, MaskedLinear, apply_masks, mask_regularizer,
+from adaptive_mamba.flops import model_flops
+from adaptive_mamba.pillars.masks import (MaskConfig, MaskedLinear, apply_masks, compile_masks, mask_regularizer,
                                           set_temperature, sparsity_report, temperature_at)
 from adaptive_mamba.pillars.persistence import save_adaptive_model
 from adaptive_mamba.pillars.scan_order import (ScanOrderDecision, ScanStatsCollector, current_scan_order,
@@ -200,8 +202,13 @@ class PillarController:
             values["sparsity"] = round(rep["sparsity"], 4)
             values["executed_flops_ratio"] = round(rep["executed_flops"] / rep["dense_flops"], 4)
             parts.append(f"mask sparsity {100 * rep['sparsity']:.1f}% (target {100 * self.cfg.target_sparsity:.0f}%; "
-                         f"evaluation executes {100 * values['executed_flops_ratio']:.1f}% of the dense projection "
-                         "FLOPs)")
+                         f"evaluation executes {100 * values['executed_flops_ratio']:.1f}% of the dense FLOPs of the "
+                         "masked modules)")
+        values.update(self._flops(model))
+        parts.append(f"whole-model FLOPs per token at seq_len {self.cfg.seq_len}: evaluation forward "
+                     f"{values['flops_eval_forward']:,.0f} ({100 * values['flops_eval_forward'] / values['flops_dense_forward']:.1f}% "
+                     f"of dense), training step {values['flops_train_step']:,.0f}, exported model forward "
+                     f"{values['flops_export_forward']:,.0f}")
         parts.append(f"trainable parameters {values['trainable_pct']:.2f}% ({trainable:,} of {total:,})")
         if self.scan_decisions:
             first, last = self.scan_decisions[0], self.scan_decisions[-1]
@@ -218,6 +225,19 @@ class PillarController:
             parts.append(f"allocation after {len(self.allocation_history)} decision(s): LoRA (r={self.cfg.peft_r}) on "
                          f"{counts['lora']}, IA3 on {counts['ia3']}, frozen {counts['frozen']} of {len(kinds)} modules")
         return {"values": values, "text": "Pillars: " + "; ".join(parts) + "."}
+
+    def _flops(self, model: AdaptiveMambaForCausalLM) -> dict[str, float]:
+        """Executed FLOPs per token (adaptive_mamba.flops) of `model` at evaluation and in a training step, of the
+        dense model of the same shape and of the exported (merged) model, which counts what really runs there."""
+        seq_len, was_training = self.cfg.seq_len, model.training
+        count = model_flops(model.eval(), seq_len)
+        dense = AdaptiveMambaForCausalLM(type(model.config).from_dict({**model.config.to_dict(), "extra": {}}))
+        exported = merged_plain_model(copy.deepcopy(model)).eval()
+        model.train(was_training)
+        return {"flops_eval_forward": count.per_token()["forward"],
+                "flops_train_step": count.per_token()["training_step"],
+                "flops_dense_forward": model_flops(dense.eval(), seq_len).per_token()["forward"],
+                "flops_export_forward": model_flops(exported, seq_len).per_token()["forward"]}
 
     def export(self, model: AdaptiveMambaForCausalLM, out: Path) -> list[Path]:
         """Adapters in peft format (when allocated) and a merged plain model (adapters merged, hard masks baked
@@ -250,8 +270,9 @@ class PillarController:
 
 
 def merged_plain_model(model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausalLM:
-    """A plain AdaptiveMambaForCausalLM computing what `model` computes in evaluation mode: each hard mask is
-    multiplied into its base weight first (dropped structured outputs keep their bias, as the compact forward
+    """A plain AdaptiveMambaForCausalLM computing what `model` computes in evaluation mode: each channel mask becomes
+    a mixer of its kept channels (config.layer_d_inner: the export executes the reduced FLOPs); each projection's
+    hard mask is multiplied into its base weight first (dropped structured outputs keep their bias, as the compact forward
     does), then the LoRA / IA3 adapters are merged (LoRA's update is not masked in the adapted model, so the order
     matters). `model` is consumed."""
     with torch.no_grad():
@@ -268,6 +289,7 @@ def merged_plain_model(model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausa
                 module.merge(adapter_names=list(module.active_adapters))
                 parent, pattr, _ = resolve_module(model, name)
                 setattr(parent, pattr, module.get_base_layer())
+        compile_masks(model)        # what remains are channel masks: mixers of the kept channels (layer_d_inner)
     config = type(model.config).from_dict(model.config.to_dict())
     config.extra = {k: v for k, v in config.extra.items() if k not in ("masks", "hybrid_peft")}
     config.extra["merged"] = {"masks_baked": True, "adapters_merged": True}
