@@ -315,3 +315,21 @@ def test_channel_mask_training_is_relaxed_and_a_layer_may_drop_every_channel() -
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, zeroed_reference(model)(ids).logits, rtol=1e-5, atol=1e-5)
     assert sparsity_report(model)["modules"]["blocks.1.mixer"]["sparsity"] == 1.0
+
+
+@pytest.mark.parametrize("granularity", ["structured", "unstructured", "channel"])
+def test_trainer_regulariser_is_mask_regularizer(granularity: str) -> None:
+    """The trainer's loss term is masks.mask_regularizer with the trainer's settings (one formula, one place)."""
+    from adaptive_mamba.training.adaptation import PillarController
+    from adaptive_mamba.training.config import TrainConfig
+    from adaptive_mamba.training.distributed import DistContext
+
+    cfg = TrainConfig(data_source="stdlib", mask_granularity=granularity, target_sparsity=0.7, sparsity_weight=0.3)
+    pillars = PillarController(cfg, DistContext(), total_steps=10)
+    model = pillars.build_structure(tiny_model())
+    randomize_logits(model)
+    reg = pillars.regularizer(model.train())
+    assert float(reg.detach()) == pytest.approx(float(mask_regularizer(model, pillars.mask_cfg).detach()))
+    assert pillars.mask_cfg.sparsity_weight == 0.3 and pillars.mask_cfg.target_sparsity == 0.7
+    reg.backward()
+    assert all(m.mask_logits.grad is not None for m in masked_modules(model).values())
