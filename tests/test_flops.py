@@ -105,3 +105,26 @@ def test_projection_masks_count_what_executes(kind: str) -> None:
         assert in_proj == dense.forward["blocks.0.mixer.in_proj"] // 2
     else:                             # a dense matmul with zeros costs dense FLOPs (+ the mask product)
         assert in_proj == dense.forward["blocks.0.mixer.in_proj"] + 2 * 64 * 256
+
+
+def test_adapters_are_counted() -> None:
+    """LoRA adds 2 T (in r + r out) + 2 T out per module, IA3 one multiply per scaled feature; torch agrees on the
+    whole model's matmuls."""
+    from adaptive_mamba.pillars import AllocationDecision, HybridPeftConfig, apply_allocation
+
+    model = tiny_model()
+    kinds = {f"blocks.{i}.mixer.{p}": "frozen" for i in range(2) for p in ("in_proj", "x_proj", "dt_proj", "out_proj")}
+    kinds.update({"blocks.0.mixer.in_proj": "lora", "blocks.1.mixer.out_proj": "ia3"})
+    apply_allocation(model, AllocationDecision(kinds, {k: 0.0 for k in kinds}), HybridPeftConfig(lora_r=4))
+    model.eval()
+    count = model_flops(model, 24, 2)
+    T = 48
+    assert count.forward["blocks.0.mixer.in_proj.adapter"] == 2 * T * (64 * 4 + 4 * 256) + 2 * T * 256
+    ia3 = count.forward["blocks.1.mixer.out_proj.adapter"]
+    assert ia3 in (T * 128, T * 64)                     # IA3 scales out_proj's inputs or outputs
+    ids = torch.randint(0, 128, (2, 24))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(ids)
+    lora_mm = 2 * T * (64 * 4 + 4 * 256)
+    assert counter.get_total_flops() == sum(count.matmul.values()) + lora_mm
