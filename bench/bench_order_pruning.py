@@ -8,7 +8,8 @@ and the lowest-scoring half of the blocks of every layer is removed (channel mas
 score-sorted order (channels sorted by score, so pruning blocks = pruning channels) is the best any order can do
 under this criterion. Reported: held-out cross-entropy (nats/token) of each.
 
-    .venv/bin/python bench/bench_order_pruning.py [--data ../shared/data] [--seeds 5] [--model-seeds 1]
+    .venv/bin/python bench/bench_order_pruning.py [--data ../shared/data] [--steps 300] [--seeds 5] [--model-seeds 1]
+                                                  [--first-model-seed 0]
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=5, help="random orders per model")
     parser.add_argument("--model-seeds", type=int, default=1)
+    parser.add_argument("--first-model-seed", type=int, default=0)
     args = parser.parse_args()
     tok = load_tokenizer(args.data / "tokenizers" / "gpt-neox-20b")
     text = (args.data / "books" / "austen_emma.txt").read_text()[:400_000]
@@ -85,7 +87,7 @@ def main() -> None:
     print(f"austen_emma.txt: {ids.numel()} tokens ({len(vocab)} distinct), d_model {args.d_model}, {args.layers} "
           f"layers, {args.steps} steps of {args.batch}x{args.seq_len}; blocks of {args.block} channels, 50% removed")
     rows: dict[str, list[float]] = {}
-    for mseed in range(args.model_seeds):
+    for mseed in range(args.first_model_seed, args.first_model_seed + args.model_seeds):
         model = train(len(vocab), train_ids, args, mseed)
         collector = ScanStatsCollector(model)
         collector.enable()
