@@ -314,9 +314,11 @@ class ChannelMask(MaskLogits, nn.Module):
 
     @staticmethod
     def gathers(mixer: nn.Module) -> bool:
-        """Whether evaluation runs the compact mixer: its projections are plain (no adapter wrappers; a mixer with
-        adapters runs the dense masked forward, which is equal but costs dense FLOPs)."""
-        return all(type(getattr(mixer, name)) is nn.Linear for name in PROJECTIONS)
+        """Whether evaluation runs the compact mixer: its projections are plain (no adapter wrappers) and its
+        weights are not ZeRO-3 partitions (gathered only inside their own module's forward). Otherwise the mixer
+        runs the dense masked forward, which is equal but costs dense FLOPs."""
+        return (all(type(getattr(mixer, name)) is nn.Linear for name in PROJECTIONS)
+                and not any(hasattr(p, "ds_id") for p in mixer.parameters()))
 
     def compact(self, mixer: nn.Module) -> nn.Module:
         return compact_mixer(mixer, self)
