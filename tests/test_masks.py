@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from adaptive_mamba import AdaptiveMambaConfig, AdaptiveMambaForCausalLM
 from adaptive_mamba.pillars import (CompactLinear, MaskConfig, MaskedLinear, apply_masks, compile_masks,
-                                    expected_sparsity, mask_regularizer, masked_modules, set_temperature,
-                                    sparsity_report, temperature_at)
+                                    expected_sparsity, load_adaptive_model, mask_regularizer, masked_modules,
+                                    save_adaptive_model, set_temperature, sparsity_report, temperature_at)
 from adaptive_mamba.pillars.masks import logistic_noise
 
 ALL = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -293,10 +293,13 @@ def test_channel_mask_eval_gathers_and_equals_zeroed_columns(tmp_path) -> None:
     torch.testing.assert_close(step, dense[:, 10:11], rtol=1e-4, atol=1e-4)
     kept = [int(b.mixer.channel_mask.hard_mask().sum()) for b in model.blocks]
     assert all(0 < k < 128 for k in kept)
+    save_adaptive_model(model, tmp_path / "adaptive")         # masks saved and restored with the model
+    with torch.no_grad():
+        torch.testing.assert_close(load_adaptive_model(tmp_path / "adaptive").eval()(ids).logits, gathered)
     compile_masks(model)
     assert model.config.layer_d_inner == kept and [b.mixer.d_inner for b in model.blocks] == kept
-    model.save_pretrained(tmp_path)
-    loaded = AdaptiveMambaForCausalLM.from_pretrained(tmp_path).eval()
+    model.save_pretrained(tmp_path / "compact")
+    loaded = AdaptiveMambaForCausalLM.from_pretrained(tmp_path / "compact").eval()
     assert loaded.blocks[1].mixer.conv1d.weight.shape[0] == kept[1]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, dense, rtol=1e-5, atol=1e-5)
