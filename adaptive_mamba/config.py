@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 
 def check_known_keys(cls_name: str, given: dict[str, Any], known: set[str]) -> None:
@@ -46,6 +46,7 @@ class AdaptiveMambaConfig:
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
     gradient_checkpointing: bool = False  # recompute each block in backward (training, long sequences)
+    layer_d_inner: Optional[list[int]] = None  # per-layer channel counts of a channel-pruned export (None: d_inner)
     extra: dict[str, Any] = field(default_factory=dict)  # state of the adaptive pillars, saved with the model
 
     model_type: ClassVar[str] = "adaptive_mamba"
@@ -55,6 +56,10 @@ class AdaptiveMambaConfig:
             raise ValueError(f"dt_rank must be 'auto' or a positive int, got {self.dt_rank!r}")
         if self.dt_init not in ("random", "constant"):
             raise ValueError(f"dt_init must be 'random' or 'constant', got {self.dt_init!r}")
+        if self.layer_d_inner is not None and (len(self.layer_d_inner) != self.n_layer
+                                               or min(self.layer_d_inner, default=1) < 1):
+            raise ValueError(f"layer_d_inner must list n_layer={self.n_layer} channel counts >= 1, "
+                             f"got {self.layer_d_inner!r}")
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -62,7 +62,8 @@ class MambaMixer(nn.Module):
     def __init__(self, config: AdaptiveMambaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        d_inner, d_state, dt_rank = config.d_inner, config.d_state, config.resolved_dt_rank
+        d_inner = config.d_inner if config.layer_d_inner is None else config.layer_d_inner[layer_idx]
+        d_state, dt_rank = config.d_state, config.resolved_dt_rank
         self.d_inner, self.d_state, self.dt_rank, self.d_conv = d_inner, d_state, dt_rank, config.d_conv
         self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.bias)
         self.conv1d = nn.Conv1d(d_inner, d_inner, config.d_conv, groups=d_inner, padding=config.d_conv - 1,
@@ -73,9 +74,15 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
+        self.channel_mask: Optional[nn.Module] = None   # pillar 2's per-channel mask (masks.ChannelMask), if any
 
     def forward(self, hidden: Tensor, state: Optional[LayerState] = None) -> tuple[Tensor, Optional[LayerState]]:
         """hidden: (B, L, d_model). With `state`, continue from it and return the new state (in place of it)."""
+        keep = None
+        if self.channel_mask is not None:       # channel mask: at evaluation only the kept channels execute
+            if not self.training and state is None and self.channel_mask.gathers(self):
+                return self.channel_mask.compact(self)(hidden)
+            keep = self.channel_mask()[:, None]                                  # (d_inner, 1)
         length = hidden.shape[1]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)            # (B, d_inner, L) each
         pad = self.d_conv - 1
@@ -86,6 +93,8 @@ class MambaMixer(nn.Module):
             conv_out = self.conv1d(conv_in)[..., pad:pad + length]
             new_conv = conv_in[..., conv_in.shape[-1] - pad:]
         u = self.scan_input(F.silu(conv_out))
+        if keep is not None:
+            u = u * keep.to(u.dtype)
         x_dbl = self.x_proj(u.transpose(1, 2))                                  # (B, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt).transpose(1, 2)                                # (B, d_inner, L), bias included
@@ -98,6 +107,8 @@ class MambaMixer(nn.Module):
             y, ssm = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,
                                     delta_softplus=True, return_last_state=True,
                                     initial_state=None if state is None else state.ssm)
+        if keep is not None:
+            y = y * keep.to(y.dtype)
         out = self.out_proj(y.transpose(1, 2).to(hidden.dtype))
         return out, (None if state is None else LayerState(new_conv, ssm))
 

@@ -1,21 +1,25 @@
 """Evaluation speed of masked projections, side by side: the dense nn.Linear, a 50% structured mask on the d_inner
 side (kept channel blocks gathered into a smaller dense matmul: MaskedLinear on the fly and the compiled
 CompactLinear) and a 50% unstructured mask (dense matmul with zeros), on the projections of one 130M-shaped Mamba
-layer. FLOPs come from the executed shapes; times are the best over interleaved rounds.
+layer; then the whole mixer with a 50% channel mask (dense, gathered on the fly, compiled). FLOPs come from the
+executed shapes; times are the best over interleaved rounds.
 
-    .venv/bin/python bench/bench_masks.py [--tokens 4096] [--repeats 20] [--block-size 16]
+    .venv/bin/python bench/bench_masks.py [--tokens 4096] [--repeats 20] [--block-size 16] [--mixer-tokens 2048]
+                                          [--mixer-repeats 5] [--only-mixer]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
 from torch import nn
 
-from adaptive_mamba import AdaptiveMambaConfig
+from adaptive_mamba import AdaptiveMambaConfig, AdaptiveMambaForCausalLM
+from adaptive_mamba.flops import mixer_flops
 from adaptive_mamba.pillars.common import D_INNER_SIDE
-from adaptive_mamba.pillars.masks import CompactLinear, MaskedLinear
+from adaptive_mamba.pillars.masks import ChannelMask, CompactLinear, MaskConfig, MaskedLinear, compact_mixer
 
 MAIN = ("in_proj", "x_proj", "out_proj")       # the projections whose structured masks gather
 
@@ -37,7 +41,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--mixer-tokens", type=int, default=2048)
+    parser.add_argument("--mixer-repeats", type=int, default=5)
+    parser.add_argument("--only-mixer", action="store_true", help="skip the per-projection table")
     args = parser.parse_args()
+    if args.only_mixer:
+        return mixer_section(args.mixer_tokens, args.mixer_repeats)
     torch.manual_seed(0)
     cfg = AdaptiveMambaConfig()          # mamba-130m shapes: d_model 768, d_inner 1536, dt_rank 48, d_state 16
     shapes = {"in_proj": (cfg.d_model, 2 * cfg.d_inner, False), "x_proj": (cfg.d_inner, cfg.resolved_dt_rank + 2 *
@@ -84,6 +93,43 @@ def main() -> None:
           f"{totals[0] / totals[2]:.2f}x compiled; 50% unstructured: {totals[0] / totals[3]:.2f}x; executed FLOPs "
           f"{flops[0] / flops[1]:.3f} of dense. dt_proj ({shapes['dt_proj'][0]} inputs < GATHER_MIN_FAN_IN) runs its "
           "masked dense matmul.")
+    mixer_section(args.mixer_tokens, args.mixer_repeats)
+
+
+def best_times(variants: list, x: torch.Tensor, repeats: int) -> list[float]:
+    """Best wall time of each callable over interleaved rounds (load changes hit every variant alike)."""
+    best = [float("inf")] * len(variants)
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            for k, fn in enumerate(variants):
+                t = time.perf_counter()
+                fn(x)
+                best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
+def mixer_section(tokens: int, repeats: int) -> None:
+    """The whole mixer (projections, conv, scan) at evaluation with a 50% channel mask: the dense mixer, the masked
+    mixer (kept channels gathered on every forward) and the compiled mixer of the kept channels (the export)."""
+    cfg = AdaptiveMambaConfig(n_layer=1, vocab_size=8)
+    dense = AdaptiveMambaForCausalLM(cfg).blocks[0].mixer.eval()       # mamba-ssm's initialisation
+    masked = copy.deepcopy(dense)
+    masked.channel_mask = ChannelMask(masked, MaskConfig(kind="channel"), cfg).eval()
+    order = torch.randperm(cfg.d_inner, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masked.channel_mask.mask_logits.copy_(torch.where(order < cfg.d_inner // 2, 1.0, -1.0))
+    compact = compact_mixer(masked, masked.channel_mask).eval()
+    x = torch.randn(1, tokens, cfg.d_model)
+    with torch.inference_mode():
+        torch.testing.assert_close(masked(x)[0], compact(x)[0])
+    times = best_times([dense, masked, compact], x, repeats)
+    kept = int(masked.channel_mask.hard_mask().sum())
+    ratio = sum(mixer_flops(cfg, kept, tokens).values()) / sum(mixer_flops(cfg, cfg.d_inner, tokens).values())
+    print(f"whole mixer (d_model {cfg.d_model}, d_inner {cfg.d_inner}, d_state {cfg.d_state}), {tokens} tokens, "
+          f"50% channel mask, best of {repeats}: dense {1e3 * times[0]:.1f} ms, masked (gathered on the fly) "
+          f"{1e3 * times[1]:.1f} ms ({times[0] / times[1]:.2f}x), compiled {1e3 * times[2]:.1f} ms "
+          f"({times[0] / times[2]:.2f}x); executed FLOPs {ratio:.3f} of dense")
+
 
 if __name__ == "__main__":
     main()

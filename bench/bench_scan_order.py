@@ -30,7 +30,7 @@ def main() -> None:
     ids = torch.tensor(tok.encode(text[: args.tokens * 8])[: args.tokens]).view(-1, 1024)
     torch.manual_seed(0)
     model = AdaptiveMambaForCausalLM(AdaptiveMambaConfig(d_model=args.d_model, n_layer=args.layers,
-                                                         vocab_size=tok.vocab_size)).eval()
+                                                         vocab_size=tok.vocab_size)).train()  # collector: training forwards
     collector = ScanStatsCollector(model)
     collector.enable()
     with torch.no_grad():

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from adaptive_mamba import AdaptiveMambaConfig, AdaptiveMambaForCausalLM
 from adaptive_mamba.pillars import (CompactLinear, MaskConfig, MaskedLinear, apply_masks, compile_masks,
-                                    expected_sparsity, mask_regularizer, masked_modules, set_temperature,
-                                    sparsity_report, temperature_at)
+                                    expected_sparsity, load_adaptive_model, mask_regularizer, masked_modules,
+                                    save_adaptive_model, set_temperature, sparsity_report, temperature_at)
 from adaptive_mamba.pillars.masks import logistic_noise
 
 ALL = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -236,3 +236,103 @@ def test_training_on_real_text_reaches_target_sparsity(shared_data) -> None:
     assert sum(losses[-20:]) / 20 < losses[0] - 1.0            # it learned something while sparsifying
     realised = sparsity_report(model)["sparsity"]
     assert abs(realised - cfg.target_sparsity) <= 0.05, realised
+
+
+# ----------------------------------------------------------------------------------------------- channel masks
+def channel_masked_model(seed: int = 1) -> AdaptiveMambaForCausalLM:
+    model = tiny_model()
+    apply_masks(model, MaskConfig(kind="channel"))
+    randomize_logits(model, seed)
+    return model
+
+
+def zeroed_reference(model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausalLM:
+    """A plain model computing what the channel masks mean: each dropped channel's x_proj and out_proj columns
+    zeroed (the channel then reaches nothing else), everything else unchanged."""
+    reference = tiny_model()
+    with torch.no_grad():
+        for block, ref in zip(model.blocks, reference.blocks):
+            drop = ~block.mixer.channel_mask.hard_mask()
+            ref.mixer.x_proj.weight[:, drop] = 0.0
+            ref.mixer.out_proj.weight[:, drop] = 0.0
+    return reference.eval()
+
+
+def test_channel_masks_one_logit_per_channel_and_weight_counts() -> None:
+    model = channel_masked_model()
+    masks = masked_modules(model)
+    assert list(masks) == ["blocks.0.mixer.channel_mask", "blocks.1.mixer.channel_mask"]
+    mask = masks["blocks.0.mixer.channel_mask"]
+    assert mask.mask_logits.shape == (128,)
+    mixer = model.blocks[0].mixer
+    # in_proj 2*64, conv 4 + 1, x_proj dt_rank + 2N = 4 + 32, dt_proj 4 + 1, A_log 16, D 1, out_proj 64 per channel
+    assert mask.weights_per_channel == 128 + 5 + 36 + 5 + 16 + 1 + 64
+    assert mask.n_weights == sum(p.numel() for n, p in mixer.named_parameters() if "mask" not in n)
+    hard = 1 - sum(float(m.hard_mask().sum()) for m in masks.values()) / 256
+    assert sparsity_report(model)["sparsity"] == pytest.approx(hard)
+    cfg = MaskConfig(kind="channel", target_sparsity=0.9, sparsity_weight=2.0)
+    assert float(mask_regularizer(model, cfg).detach()) == pytest.approx(2.0 * abs(hard - 0.9), rel=1e-5)
+
+
+def test_channel_mask_eval_gathers_and_equals_zeroed_columns(tmp_path) -> None:
+    """Evaluation runs a mixer of the kept channels only; it equals the dense model with the dropped channels'
+    x_proj / out_proj columns zeroed, on the full and the recurrent path, compiled, saved and reloaded."""
+    model = channel_masked_model().eval()
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    calls = []
+    handle = model.blocks[0].mixer.scan_input.register_forward_hook(lambda m, i, u: calls.append(u.shape))
+    with torch.no_grad():
+        gathered = model(ids).logits
+        first = model(ids[:, :10], use_cache=True)
+        step = model(ids[:, 10:11], cache=first.cache, use_cache=True).logits
+        dense = zeroed_reference(model)(ids).logits
+    handle.remove()
+    assert len(calls) == 2          # the gathered forward did not run the full mixer; the recurrent path did
+    torch.testing.assert_close(gathered, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first.logits, dense[:, :10], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step, dense[:, 10:11], rtol=1e-4, atol=1e-4)
+    kept = [int(b.mixer.channel_mask.hard_mask().sum()) for b in model.blocks]
+    assert all(0 < k < 128 for k in kept)
+    save_adaptive_model(model, tmp_path / "adaptive")         # masks saved and restored with the model
+    with torch.no_grad():
+        torch.testing.assert_close(load_adaptive_model(tmp_path / "adaptive").eval()(ids).logits, gathered)
+    compile_masks(model)
+    assert model.config.layer_d_inner == kept and [b.mixer.d_inner for b in model.blocks] == kept
+    model.save_pretrained(tmp_path / "compact")
+    loaded = AdaptiveMambaForCausalLM.from_pretrained(tmp_path / "compact").eval()
+    assert loaded.blocks[1].mixer.conv1d.weight.shape[0] == kept[1]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_mask_training_is_relaxed_and_a_layer_may_drop_every_channel() -> None:
+    model = channel_masked_model()
+    ids = torch.randint(0, 128, (2, 16))
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert all(m.mask_logits.grad is not None and bool(m.mask_logits.grad.abs().sum() > 0)
+               for m in masked_modules(model).values())
+    with torch.no_grad():
+        model.blocks[1].mixer.channel_mask.mask_logits.fill_(-1.0)      # layer 1 drops everything
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, zeroed_reference(model)(ids).logits, rtol=1e-5, atol=1e-5)
+    assert sparsity_report(model)["modules"]["blocks.1.mixer"]["sparsity"] == 1.0
+
+
+@pytest.mark.parametrize("granularity", ["structured", "unstructured", "channel"])
+def test_trainer_regulariser_is_mask_regularizer(granularity: str) -> None:
+    """The trainer's loss term is masks.mask_regularizer with the trainer's settings (one formula, one place)."""
+    from adaptive_mamba.training.adaptation import PillarController
+    from adaptive_mamba.training.config import TrainConfig
+    from adaptive_mamba.training.distributed import DistContext
+
+    cfg = TrainConfig(data_source="stdlib", mask_granularity=granularity, target_sparsity=0.7, sparsity_weight=0.3)
+    pillars = PillarController(cfg, DistContext(), total_steps=10)
+    model = pillars.build_structure(tiny_model())
+    randomize_logits(model)
+    reg = pillars.regularizer(model.train())
+    assert float(reg.detach()) == pytest.approx(float(mask_regularizer(model, pillars.mask_cfg).detach()))
+    assert pillars.mask_cfg.sparsity_weight == 0.3 and pillars.mask_cfg.target_sparsity == 0.7
+    reg.backward()
+    assert all(m.mask_logits.grad is not None for m in masked_modules(model).values())

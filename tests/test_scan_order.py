@@ -13,7 +13,7 @@ from adaptive_mamba import AdaptiveMambaConfig, AdaptiveMambaForCausalLM
 from adaptive_mamba.pillars import (AllocationDecision, HybridPeftConfig, MaskConfig, ScanOrderDecision,
                                     ScanStatsCollector, apply_allocation, apply_masks, apply_scan_order,
                                     current_scan_order, decide_scan_order, load_adaptive_model, masked_modules,
-                                    reparametrization_plan, save_adaptive_model)
+                                    reorder_block_sizes, reparametrization_plan, save_adaptive_model)
 from adaptive_mamba.pillars.scan_order import PermuteOp, best_path, correlation, path_cost
 
 ALL = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -105,8 +105,11 @@ def test_decision_round_trips_through_json() -> None:
 def collect_decision(model: AdaptiveMambaForCausalLM, ids: torch.Tensor) -> ScanOrderDecision:
     collector = ScanStatsCollector(model)
     collector.enable()
+    was_training = model.training
+    model.train()                                # the collector records training forwards only
     with torch.no_grad():
         model(ids)
+    model.train(was_training)
     collector.disable()
     decision = decide_scan_order(collector)
     assert all(p != list(range(len(p))) for p in decision.perms), "the decision must be a non-trivial permutation"
@@ -209,7 +212,93 @@ def test_block_logits_follow_block_aligned_permutations_exactly() -> None:
     with torch.no_grad():
         assert (model(ids).logits - ref).abs().max() <= 1e-5
     op = PermuteOp("x", 0, torch.tensor([1, 0, 0, 1]), block_size=2)    # channels from blocks (1,0) and (0,1)
-    torch.testing.assert_close(op.apply(torch.tensor([2.0, 4.0])), torch.tensor([3.0, 3.0]))
+    assert not op.is_exact_for(torch.tensor([2.0, 4.0]))                 # would mix two different logits
+    assert op.is_exact_for(torch.tensor([3.0, 3.0]))
+    torch.testing.assert_close(op.apply(torch.tensor([3.0, 3.0])), torch.tensor([3.0, 3.0]))   # a copy, no mean
+
+
+def masked_tiny_model(kind: str) -> AdaptiveMambaForCausalLM:
+    """The trainer's default masks (block size 8 on in_proj, x_proj, out_proj) or another kind, learned-looking
+    logits of both signs."""
+    from adaptive_mamba.training.config import TrainConfig
+
+    defaults = TrainConfig(data_source="stdlib")
+    model = tiny_model()
+    apply_masks(model, MaskConfig(kind=kind, block_size=defaults.mask_block_size, targets=defaults.mask_target_list))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in masked_modules(model).values():
+            m.mask_logits.copy_(torch.randn(m.mask_logits.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["structured", "unstructured", "channel"])
+def test_refresh_with_default_masks_is_exact(kind: str) -> None:
+    """A refresh decided from real statistics leaves eval logits and every module's realised sparsity unchanged."""
+    model = masked_tiny_model(kind)
+    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
+    collector = ScanStatsCollector(model)
+    collector.enable()
+    model.train()
+    model(ids)
+    model.eval()
+    sizes = reorder_block_sizes(model)
+    assert sizes == ([8, 8] if kind == "structured" else [1, 1])     # channel / unstructured: free
+    decision = decide_scan_order(collector, block_sizes=sizes)
+    assert all(p != list(range(len(p))) for p in decision.perms)
+    if kind == "structured":      # whole blocks of 8 move together
+        for perm in decision.perms:
+            blocks = torch.tensor(perm).view(-1, 8) // 8
+            assert bool((blocks == blocks[:, :1]).all())
+    sparsity = {n: m.realised_sparsity() for n, m in masked_modules(model).items()}
+    logits = {n: m.mask_logits.detach().clone() for n, m in masked_modules(model).items()}
+    with torch.no_grad():
+        ref = model(ids).logits
+        apply_scan_order(model, decision, collector=collector)
+        out = model(ids).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+    assert {n: m.realised_sparsity() for n, m in masked_modules(model).items()} == sparsity
+    if kind == "channel":         # each channel's logit moved with its channel
+        for i, perm in enumerate(decision.perms):
+            name = f"blocks.{i}.mixer.channel_mask"
+            assert torch.equal(masked_modules(model)[name].mask_logits, logits[name][torch.tensor(perm)])
+
+
+def test_free_reorder_only_while_block_logits_are_equal() -> None:
+    """Unlearned (equal) block logits allow any permutation (values copied); learned ones must move as blocks."""
+    model = tiny_model()
+    apply_masks(model, MaskConfig(kind="structured", block_size=8, targets=ALL, init_std=0.0))
+    assert reorder_block_sizes(model) == [1, 1]
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(1)).tolist()
+    decision = ScanOrderDecision([perm, perm], [0.0] * 2, [0.0] * 2, [0.0] * 2)
+    apply_scan_order(model, decision)
+    assert all(bool((m.mask_logits == 3.0).all()) for m in masked_modules(model).values())
+    with torch.no_grad():
+        model.blocks[0].mixer.in_proj.mask_logits[0] = -1.0
+    assert reorder_block_sizes(model) == [8, 1]
+    with pytest.raises(ValueError, match="splits blocks of a structured mask"):
+        reparametrization_plan(model, decision)
+
+
+def test_collector_counts_training_tokens_once_under_checkpointing() -> None:
+    """Evaluation forwards record nothing; the recomputation of checkpointed blocks in backward is not counted."""
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    stats = []
+    for ckpt in (False, True):
+        model = tiny_model()
+        model.config.gradient_checkpointing = ckpt
+        collector = ScanStatsCollector(model)
+        collector.enable()
+        model.eval()
+        with torch.no_grad():
+            model(ids)
+        assert all(float(c) == 0 for _, _, c in collector.stats)
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        assert all(float(c) == ids.numel() for _, _, c in collector.stats)
+        stats.append(collector.state_tensors())
+    for plain, checkpointed in zip(*stats):
+        torch.testing.assert_close(plain, checkpointed)
 
 
 def test_plan_rejects_bad_decisions() -> None:

@@ -16,12 +16,14 @@ from adaptive_mamba.pillars.masks import (CompactLinear, MaskConfig, MaskedLinea
                                           masked_modules, set_temperature, sparsity_report, temperature_at)
 from adaptive_mamba.pillars.persistence import base_state_dict, load_adaptive_model, save_adaptive_model
 from adaptive_mamba.pillars.scan_order import (PermuteOp, ScanOrderDecision, ScanStatsCollector, apply_scan_order,
-                                               current_scan_order, decide_scan_order, reparametrization_plan)
+                                               current_scan_order, decide_scan_order, reorder_block_sizes,
+                                               reparametrization_plan)
 
 __all__ = ["AllocationDecision", "CompactLinear", "HybridPeftConfig", "MaskConfig", "MaskedLinear", "PermuteOp",
            "ScanOrderDecision", "ScanStatsCollector", "allocation_counts", "apply_allocation", "apply_masks",
            "apply_scan_order", "base_state_dict", "compile_masks", "current_allocation", "current_scan_order",
            "decide_allocation", "decide_scan_order", "expected_sparsity", "format_allocation_table",
            "format_sparsity_report", "load_adaptive_model", "mask_regularizer", "masked_modules",
-           "module_importance", "pruned_modules", "reparametrization_plan", "save_adaptive_model", "set_temperature", "set_trainable",
-           "sparsity_report", "temperature_at", "trainable_report", "uniform_allocation"]
+           "module_importance", "pruned_modules", "reorder_block_sizes", "reparametrization_plan", "save_adaptive_model",
+           "set_temperature", "set_trainable", "sparsity_report", "temperature_at", "trainable_report",
+           "uniform_allocation"]

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
 
 SCHEDULES = ("constant", "linear", "exponential", "cosine")
-MASK_KINDS = ("unstructured", "structured")
+MASK_KINDS = ("structured", "unstructured", "channel")
 # A structured mask on the output side gathers kept rows only when the layer has at least this many inputs: below
 # it (dt_proj: dt_rank inputs) the matmul is bound by writing its output, and a smaller matmul plus the scatter of
 # its rows is slower than the dense masked matmul (bench/bench_masks.py measures both).
@@ -54,7 +54,9 @@ class MaskConfig:
     """Pillar 2 settings. `structured_side` "auto" masks the d_inner side of each projection (see common.py),
     the side pillar 1 reorders, so that correlated channels are removed together."""
 
-    kind: str = "structured"                 # "unstructured" (one logit per weight) or "structured" (per block)
+    kind: str = "structured"                 # "unstructured" (one logit per weight), "structured" (per block) or
+                                             # "channel" (per d_inner channel, across the whole mixer; ignores
+                                             # targets, block_size and structured_side)
     block_size: int = 16                     # channels per block (structured)
     structured_side: str = "auto"            # "auto", "out" (blocks of output channels) or "in" (input channels)
     targets: tuple[str, ...] = PROJECTIONS   # in_proj, x_proj, dt_proj, out_proj
@@ -103,7 +105,48 @@ def logistic_noise(shape: torch.Size, like: Tensor, generator: Optional[torch.Ge
     return (torch.log(u) - torch.log1p(-u)).to(like.dtype)
 
 
-class MaskedLinear(nn.Linear):
+class MaskLogits:
+    """What every mask holds and does with its logits L (`mask_logits`) and its temperature `tau`."""
+
+    mask_logits: Tensor
+    mask_history: Tensor
+    history_count: Tensor
+    tau: float
+
+    def _init_mask_state(self, shape: tuple[int, ...], activation_window: int, device: Any, dtype: Any) -> None:
+        """Zero logits of `shape`, tau 1 and the activation history (the caller initialises the logits)."""
+        self.tau = 1.0
+        self.mask_logits = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        self.register_buffer("mask_history", torch.zeros(activation_window, device=device))
+        self.register_buffer("history_count", torch.zeros((), dtype=torch.long, device=device))
+
+    def soft_mask(self) -> Tensor:
+        """A sample of the relaxed mask sigmoid((L + G) / tau), one value per logit; its mean goes into the
+        activation history (pillar 3's "activations" importance)."""
+        L = self.mask_logits
+        m = torch.sigmoid((L + logistic_noise(L.shape, L)) / self.tau)
+        with torch.no_grad():
+            slot = (self.history_count % self.mask_history.numel()).view(1)
+            self.mask_history.index_copy_(0, slot, m.detach().float().mean().view(1))
+            self.history_count += 1
+        return m
+
+    def hard_mask(self) -> Tensor:
+        return self.mask_logits > 0
+
+    def expected_density(self) -> Tensor:
+        """mean(sigmoid(L)): the expected fraction of kept weights, P(L + G > 0) for logistic G, at any tau."""
+        return torch.sigmoid(self.mask_logits.float()).mean()
+
+    def hard_density(self) -> Tensor:
+        """Fraction of weights the hard mask keeps."""
+        return self.hard_mask().float().mean()
+
+    def realised_sparsity(self) -> float:
+        return 1.0 - float(self.hard_density())
+
+
+class MaskedLinear(MaskLogits, nn.Linear):
     """nn.Linear with learned mask logits over its weight: per weight, or per block of output or input channels.
 
     It holds the original weight and bias Parameters (no copy), so optimizers, ties and peft wrappers keep
@@ -112,7 +155,7 @@ class MaskedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool, kind: str, side: Optional[str],
                  block_size: int, activation_window: int, device: Any = None, dtype: Any = None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.kind, self.side, self.block_size, self.tau = kind, side, block_size, 1.0
+        self.kind, self.side, self.block_size = kind, side, block_size
         self.last_sample: Optional[Tensor] = None
         if kind == "unstructured":
             shape: tuple[int, ...] = (out_features, in_features)
@@ -122,9 +165,7 @@ class MaskedLinear(nn.Linear):
                 raise ValueError(f"block_size {block_size} does not divide the {n} {side}put channels of a "
                                  f"{in_features}->{out_features} projection; choose a divisor of {n}")
             shape = (n // block_size,)
-        self.mask_logits = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
-        self.register_buffer("mask_history", torch.zeros(activation_window, device=device))
-        self.register_buffer("history_count", torch.zeros((), dtype=torch.long, device=device))
+        self._init_mask_state(shape, activation_window, device, dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: MaskConfig, proj: str) -> "MaskedLinear":
@@ -133,12 +174,16 @@ class MaskedLinear(nn.Linear):
                      cfg.side_for(proj) if cfg.kind == "structured" else None, cfg.block_size,
                      cfg.activation_window, device="meta", dtype=w.dtype)
         module.weight, module.bias = linear.weight, linear.bias      # the same Parameters, not copies
-        module.mask_logits = nn.Parameter(torch.empty(module.mask_logits.shape, device=w.device, dtype=w.dtype)
-                                          .normal_(cfg.init_logit, cfg.init_std))
-        module.mask_history = torch.zeros(cfg.activation_window, device=w.device)
-        module.history_count = torch.zeros((), dtype=torch.long, device=w.device)
+        module._init_mask_state(tuple(module.mask_logits.shape), cfg.activation_window, w.device, w.dtype)
+        with torch.no_grad():
+            module.mask_logits.normal_(cfg.init_logit, cfg.init_std)
         module.train(linear.training)
         return module
+
+    @property
+    def n_weights(self) -> int:
+        """Weights this mask covers (from the shape: under ZeRO-3 a partitioned weight's numel() is 0)."""
+        return self.in_features * self.out_features
 
     def reset_parameters(self) -> None:   # weights come from the wrapped layer; nothing to initialise
         if self.weight.device.type != "meta":
@@ -152,14 +197,6 @@ class MaskedLinear(nn.Linear):
         m = m.repeat_interleave(self.block_size)
         return m[:, None] if self.side == "out" else m[None, :]
 
-    def soft_mask(self) -> Tensor:
-        """A sample of the relaxed mask sigmoid((L + G) / tau), one value per logit."""
-        L = self.mask_logits
-        return torch.sigmoid((L + logistic_noise(L.shape, L)) / self.tau)
-
-    def hard_mask(self) -> Tensor:
-        return self.mask_logits > 0
-
     def current_mask(self) -> Tensor:
         """What the last forward multiplied the weight by, broadcastable against it: the relaxed sample of the last
         training forward (with its graph), or the hard mask in evaluation. Pillar 3's LoRA path reuses it so that
@@ -171,17 +208,6 @@ class MaskedLinear(nn.Linear):
     def kept_channels(self) -> Tensor:
         """Indices of the channels a structured hard mask keeps (on its side)."""
         return self.hard_mask().repeat_interleave(self.block_size).nonzero().squeeze(1)
-
-    def expected_density(self) -> Tensor:
-        """mean(sigmoid(L)): the expected fraction of kept weights, P(L + G > 0) for logistic G, at any tau."""
-        return torch.sigmoid(self.mask_logits.float()).mean()
-
-    def hard_density(self) -> Tensor:
-        """Fraction of weights the hard mask keeps."""
-        return self.hard_mask().float().mean()
-
-    def realised_sparsity(self) -> float:
-        return 1.0 - float(self.hard_density())
 
     @property
     def gathers(self) -> bool:
@@ -199,10 +225,6 @@ class MaskedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             m = self.last_sample = self.soft_mask()
-            with torch.no_grad():   # ring buffer of mean activations (pillar 3's "activations" importance)
-                slot = (self.history_count % self.mask_history.numel()).view(1)
-                self.mask_history.index_copy_(0, slot, m.detach().float().mean().view(1))
-                self.history_count += 1
             return F.linear(x, self.weight * self.expand(m.to(self.weight.dtype)), self.bias)
         if not self.gathers:
             return F.linear(x, self.weight * self.expand(self.hard_mask().to(self.weight.dtype)), self.bias)
@@ -270,21 +292,118 @@ class CompactLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={tuple(self.weight.shape)}"
 
 
+class ChannelMask(MaskLogits, nn.Module):
+    """One logit per d_inner channel of a mixer (mixer.channel_mask): a dropped channel is removed everywhere it
+    lives (in_proj x and z rows, conv filter, dt_proj row, A_log and D rows, x_proj and out_proj columns).
+
+    The mixer multiplies its scan input u and its gated scan output y by `self()` (d_inner,): a relaxed sample in
+    training, the hard mask at evaluation. A channel with u = 0 adds nothing to x_proj (its column is inert) and one
+    with y = 0 adds nothing to out_proj; everything else of the channel only feeds its own y. So at evaluation the
+    mixer instead runs `compact_mixer`, a mixer of the kept channels only (conv, scan and every projection
+    shrink), which equals the dense masked one."""
+
+    def __init__(self, mixer: nn.Module, cfg: MaskConfig, model_config: Any) -> None:
+        super().__init__()
+        self.model_config = model_config        # the shapes of the compact mixer (compact_mixer)
+        w = mixer.A_log
+        self._init_mask_state((mixer.d_inner,), cfg.activation_window, w.device, w.dtype)
+        with torch.no_grad():
+            self.mask_logits.normal_(cfg.init_logit, cfg.init_std)
+        self.kind = "channel"
+        # every mixer weight is indexed by a d_inner channel except out_proj's bias (counted from shapes: ZeRO-3 safe)
+        per_channel = sum(p.numel() for n, p in mixer.named_parameters() if n != "out_proj.bias")
+        self.weights_per_channel = per_channel // mixer.d_inner
+        self.d_inner = mixer.d_inner
+
+    @property
+    def n_weights(self) -> int:
+        return self.d_inner * self.weights_per_channel
+
+    def kept_channels(self) -> Tensor:
+        return self.hard_mask().nonzero().squeeze(1)
+
+    @staticmethod
+    def gathers(mixer: nn.Module) -> bool:
+        """Whether evaluation runs the compact mixer: its projections are plain (no adapter wrappers) and its
+        weights are not ZeRO-3 partitions (gathered only inside their own module's forward). Otherwise the mixer
+        runs the dense masked forward, which is equal but costs dense FLOPs."""
+        return (all(type(getattr(mixer, name)) is nn.Linear for name in PROJECTIONS)
+                and not any(hasattr(p, "ds_id") for p in mixer.parameters()))
+
+    def compact(self, mixer: nn.Module) -> nn.Module:
+        return compact_mixer(mixer, self)
+
+    def forward(self) -> Tensor:
+        """Per-channel multiplier (d_inner,): relaxed sample in training, hard 0/1 at evaluation."""
+        return self.soft_mask() if self.training else self.hard_mask().to(self.mask_logits.dtype)
+
+
+def channel_state(mixer: nn.Module, kept: Tensor) -> dict[str, Tensor]:
+    """The state dict of a mixer reduced to the channels `kept` (indices; at least one). Needs plain projections
+    (merge adapters and compile projection masks first)."""
+    for name in PROJECTIONS:
+        if type(getattr(mixer, name)) is not nn.Linear:
+            raise ValueError(f"mixer.{name} is a {type(getattr(mixer, name)).__name__}: merge adapters before "
+                             "gathering the channels of a channel mask")
+    d = mixer.d_inner
+    rows = {"in_proj": torch.cat([kept, kept + d]), "conv1d": kept, "dt_proj": kept, "A_log": kept, "D": kept}
+    state = {}
+    for name, p in mixer.named_parameters():
+        head, leaf = name.split(".")[0], name.rsplit(".", 1)[-1]
+        if head == "channel_mask":
+            continue
+        if head in rows:
+            state[name] = p.detach().index_select(0, rows[head])
+        elif head in ("x_proj", "out_proj") and leaf == "weight":
+            state[name] = p.detach().index_select(1, kept)
+        else:                                   # out_proj.bias
+            state[name] = p.detach()
+    return state
+
+
+def compact_mixer(mixer: nn.Module, mask: ChannelMask) -> nn.Module:
+    """A mixer of the channels `mask`'s hard mask keeps (a new MambaMixer of smaller d_inner, weights gathered).
+    When it keeps none, one channel stays with a zero out_proj column, so the output is exactly out_proj's bias."""
+    from adaptive_mamba.model import MambaMixer
+
+    kept = mask.kept_channels()
+    state = channel_state(mixer, kept if kept.numel() else mask.mask_logits.argmax().view(1))
+    if not kept.numel():
+        state["out_proj.weight"] = torch.zeros_like(state["out_proj.weight"])
+    config = dataclasses.replace(mask.model_config, layer_d_inner=[state["D"].numel()] * mask.model_config.n_layer)
+    with torch.device("meta"):
+        compact = MambaMixer(config, mixer.layer_idx)
+    compact.load_state_dict(state, assign=True)
+    return compact.train(mixer.training)
+
+
 # -------------------------------------------------------------------------------------------- model-level API
-def masked_modules(model: "AdaptiveMambaForCausalLM") -> dict[str, MaskedLinear]:
-    """{'blocks.i.mixer.proj': MaskedLinear} for every masked projection (looking through peft wrappers)."""
-    return {name: base_layer(mod) for name, _, mod, _ in iter_projections(model)
-            if isinstance(base_layer(mod), MaskedLinear)}
+def masked_modules(model: "AdaptiveMambaForCausalLM") -> dict[str, MaskLogits]:
+    """Every mask: {'blocks.i.mixer.proj': MaskedLinear} for masked projections (looking through peft wrappers) and
+    {'blocks.i.mixer.channel_mask': ChannelMask} for channel masks."""
+    found: dict[str, MaskLogits] = {}
+    for i, block in enumerate(model.blocks):
+        if getattr(block.mixer, "channel_mask", None) is not None:
+            found[f"blocks.{i}.mixer.channel_mask"] = block.mixer.channel_mask
+    found.update({name: base_layer(mod) for name, _, mod, _ in iter_projections(model)
+                  if isinstance(base_layer(mod), MaskedLinear)})
+    return found
 
 
-def apply_masks(model: "AdaptiveMambaForCausalLM", cfg: MaskConfig) -> dict[str, MaskedLinear]:
+def apply_masks(model: "AdaptiveMambaForCausalLM", cfg: MaskConfig) -> dict[str, MaskLogits]:
     """Wrap the target projections of the target layers in MaskedLinear (in place; weights are shared, not copied),
-    set the starting temperature and record cfg in model.config.extra['masks']. Returns the new modules."""
+    or, for kind "channel", give each target layer's mixer a ChannelMask; set the starting temperature and record cfg in model.config.extra['masks']. Returns the new modules."""
     if masked_modules(model):
         raise ValueError("the model already has masks; apply_masks is applied once (load a saved model with "
                          "load_adaptive_model to restore masks)")
-    added = {}
-    for name, _, module, proj in iter_projections(model, cfg.targets, cfg.layers):
+    added: dict[str, MaskLogits] = {}
+    if cfg.kind == "channel":
+        for name, mixer, _, _ in iter_projections(model, ("in_proj",), cfg.layers):
+            if not ChannelMask.gathers(mixer):
+                raise ValueError(f"{name} is not a plain nn.Linear: apply masks before adapters are injected")
+            mixer.channel_mask = ChannelMask(mixer, cfg, model.config).train(mixer.training)
+            added[name.replace("in_proj", "channel_mask")] = mixer.channel_mask
+    for name, _, module, proj in ([] if cfg.kind == "channel" else iter_projections(model, cfg.targets, cfg.layers)):
         if module is not base_layer(module) or type(module) is not nn.Linear:
             raise ValueError(f"{name} is a {type(module).__name__}, not a plain nn.Linear: apply masks before "
                              "adapters are injected (apply_allocation) and before compile_masks")
@@ -320,8 +439,7 @@ def _weighted_sparsity(model: "AdaptiveMambaForCausalLM", density: str) -> Tenso
     modules = list(masked_modules(model).values())
     if not modules:
         raise ValueError("the model has no masks: call apply_masks(model, MaskConfig(...)) first")
-    # weights counted from the layer shapes: under ZeRO-3 a partitioned weight's numel() is 0
-    sizes = [m.in_features * m.out_features for m in modules]
+    sizes = [m.n_weights for m in modules]
     total = sum(sizes)
     return 1.0 - sum(getattr(m, density)() * (n / total) for m, n in zip(modules, sizes))
 
@@ -344,8 +462,24 @@ def sparsity_report(model: "AdaptiveMambaForCausalLM", tokens: int = 1) -> dict[
     """Per masked (or compiled) module and in total: realised sparsity (fraction of weights the hard mask removes),
     dense FLOPs and executed FLOPs of the evaluation forward for `tokens` tokens. FLOPs are counted from the shapes
     that execute: a structured mask's gathered matmul, or the full dense matmul (unstructured masks, and structured
-    output masks of layers below GATHER_MIN_FAN_IN inputs)."""
+    output masks of layers below GATHER_MIN_FAN_IN inputs). A channel mask (or its compiled, channel-reduced mixer)
+    is one entry per mixer whose FLOPs are the whole mixer's (projections, conv, scan; adaptive_mamba.flops)."""
+    from adaptive_mamba.flops import mixer_flops
+
     modules: dict[str, dict[str, Any]] = {}
+    dense_d_inner = model.config.d_inner
+    for i, block in enumerate(model.blocks):
+        mixer, mask = block.mixer, getattr(block.mixer, "channel_mask", None)
+        if mask is None and mixer.d_inner == dense_d_inner:
+            continue
+        kept = mixer.d_inner if mask is None else int(mask.hard_mask().sum())
+        executed = kept if mask is None or mask.gathers(mixer) else mixer.d_inner
+        modules[f"blocks.{i}.mixer"] = {
+            "kind": "channel" if mask is not None else "compiled", "sparsity": 1.0 - kept / dense_d_inner,
+            "dense_flops": sum(mixer_flops(model.config, dense_d_inner, tokens).values()),
+            "executed_flops": sum(mixer_flops(model.config, max(executed, 1), tokens).values()),
+            "weights": sum(p.numel() for n, p in mixer.named_parameters() if "mask" not in n) * dense_d_inner
+            // mixer.d_inner}
     for name, _, module, _ in iter_projections(model):
         layer = base_layer(module)
         dense = 2 * tokens * layer.in_features * layer.out_features
@@ -358,14 +492,13 @@ def sparsity_report(model: "AdaptiveMambaForCausalLM", tokens: int = 1) -> dict[
         else:
             continue
         modules[name] = {"kind": kind, "sparsity": sparsity, "dense_flops": dense,
-                         "executed_flops": layer.executed_flops(tokens)}
+                         "executed_flops": layer.executed_flops(tokens),
+                         "weights": layer.in_features * layer.out_features}
     if not modules:
         raise ValueError("the model has no masks: call apply_masks(model, MaskConfig(...)) first")
-    weights = {n: model.get_submodule(n) for n in modules}
-    numel = {n: base_layer(m).in_features * base_layer(m).out_features for n, m in weights.items()}
-    total = sum(numel.values())
+    total = sum(r["weights"] for r in modules.values())
     return {"modules": modules,
-            "sparsity": sum(r["sparsity"] * numel[n] for n, r in modules.items()) / total,
+            "sparsity": sum(r["sparsity"] * r["weights"] for r in modules.values()) / total,
             "dense_flops": sum(r["dense_flops"] for r in modules.values()),
             "executed_flops": sum(r["executed_flops"] for r in modules.values())}
 
@@ -378,20 +511,30 @@ def format_sparsity_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def compile_masks(model: "AdaptiveMambaForCausalLM") -> dict[str, CompactLinear]:
-    """Replace every MaskedLinear by a CompactLinear (evaluation / export; the result has no mask logits and is
-    not trainable). Adapters must be merged first: a peft wrapper around a mask is refused."""
-    compiled = {}
+def compile_masks(model: "AdaptiveMambaForCausalLM") -> dict[str, nn.Module]:
+    """Replace every MaskedLinear by a CompactLinear, and every mixer with a ChannelMask by a mixer of its kept
+    channels only (recorded in config.layer_d_inner, so save_pretrained / from_pretrained round-trip it); for
+    evaluation / export: the result has no mask logits and is not trainable. Adapters must be merged first: a peft wrapper around a mask is refused."""
+    compiled: dict[str, nn.Module] = {}
     for name, module in masked_modules(model).items():
+        if isinstance(module, ChannelMask):     # the mixer becomes a smaller mixer of the kept channels
+            block = model.get_submodule(name.rsplit(".", 2)[0])
+            if not module.gathers(block.mixer):
+                raise ValueError(f"{name}: the mixer carries peft adapters: merge them before compile_masks")
+            block.mixer = compiled[name] = module.compact(block.mixer.eval())
+            continue
         parent, attr, attached = resolve_module(model, name)
         if attached is not module:
             raise ValueError(f"{name} carries a peft adapter: merge it (apply_allocation with every module 'frozen' "
                              "and on_kind_change='merge') before compile_masks")
         compiled[name] = CompactLinear(module)
         setattr(parent, attr, compiled[name])
+    if any(n.endswith("channel_mask") for n in compiled):
+        model.config.layer_d_inner = [b.mixer.d_inner for b in model.blocks]
     return compiled
 
 
-__all__ = ["MASK_KINDS", "MaskConfig", "MaskedLinear", "CompactLinear", "PROJECTIONS", "apply_masks", "compile_masks",
+__all__ = ["MASK_KINDS", "ChannelMask", "MaskConfig", "MaskedLinear", "CompactLinear", "compact_mixer", "PROJECTIONS",
+           "apply_masks", "compile_masks",
            "compact_linear", "expected_sparsity", "format_sparsity_report", "mask_regularizer", "masked_modules",
            "set_temperature", "sparsity_report", "temperature_at"]

@@ -17,11 +17,19 @@ Collect statistics / decide / apply, so that a distributed caller can all-reduce
 
 Permutation convention: perm[k] = the current channel that moves to position k (new = old.index_select(perm)).
 Statistics are in the current channel order; after applying a decision reset the collector (apply_scan_order does
-it when given the collector). Gradient checkpointing runs each block twice; the duplicate samples leave the
-correlation unchanged.
+it when given the collector). They come from training forwards only (a module in eval mode records nothing), and
+the recomputation of a checkpointed block (which runs inside backward) is skipped, so each token counts once.
+
+Exactness under masks: a permutation never averages a mask logit. Channel masks (one logit per channel) move with
+their channel. Structured block masks hold one logit per block of `block_size` channels: a layer whose block logits
+are all equal (masks not yet learned) may be reordered freely (each new block copies the common value), any other
+layer only by moving whole blocks and permuting channels within a block (`reorder_block_sizes` says which, and
+`decide_scan_order(..., block_sizes)` then searches the order of blocks and the order inside each block). The plan
+checks this on the values and refuses a permutation that would mix different logits into one block.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -77,6 +85,10 @@ class ScanStatsCollector:
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, inputs: Any, u: Tensor) -> None:
+            # training forwards only (not validation / evaluation), and not the recomputation of a checkpointed
+            # block, which runs inside the backward pass (a graph task is executing): each token counts once
+            if not module.training or torch._C._current_graph_task_id() != -1:
+                return
             s, outer, count = self.stats[layer]
             with torch.no_grad():
                 x = u.detach().transpose(1, 2).reshape(-1, u.shape[1])[::self.token_stride].to(torch.float64)
@@ -189,17 +201,42 @@ class ScanOrderDecision:
                          for i, (ci, cg, ca) in enumerate(zip(self.cost_identity, self.cost_greedy, self.cost_after)))
 
 
+def blockwise_path(cost: np.ndarray, block_size: int, n_starts: int = 8, max_passes: int = 50) -> np.ndarray:
+    """A path that keeps each run of `block_size` consecutive channels together: the blocks ordered by a path over
+    the mean inter-block cost, the channels of each block by a path over their own costs. block_size 1: best_path."""
+    if block_size == 1:
+        return best_path(cost, n_starts, max_passes)[0]
+    d = cost.shape[0]
+    blocks = np.arange(d).reshape(d // block_size, block_size)
+    inside = [blk[best_path(cost[np.ix_(blk, blk)], n_starts, max_passes)[0]] for blk in blocks]
+    between = cost.reshape(len(blocks), block_size, len(blocks), block_size).mean(axis=(1, 3))
+    return np.concatenate([inside[k] for k in best_path(between, n_starts, max_passes)[0]])
+
+
 def decide_scan_order(source: ScanStatsCollector | Sequence[LayerStats], n_starts: int = 8, max_passes: int = 50,
-                      min_improvement: float = 0.0, step: int = 0) -> ScanOrderDecision:
+                      min_improvement: float = 0.0, step: int = 0,
+                      block_sizes: Optional[Sequence[int]] = None) -> ScanOrderDecision:
     """Decide each layer's order from its statistics (cost 1 - |rho|). A layer keeps its current order unless the
-    new path is cheaper by more than `min_improvement` (a fraction of the identity cost). Deterministic."""
+    new path is cheaper by more than `min_improvement` (a fraction of the identity cost). `block_sizes` (per layer,
+    default 1 = free; see reorder_block_sizes) keeps runs of that many channels together. cost_greedy is the
+    cost before 2-opt. Deterministic."""
     stats = source.stats if isinstance(source, ScanStatsCollector) else list(source)
+    block_sizes = [1] * len(stats) if block_sizes is None else list(block_sizes)
+    if len(block_sizes) != len(stats):
+        raise ValueError(f"block_sizes has {len(block_sizes)} entries for {len(stats)} layers")
     perms, c_id, c_greedy, c_after = [], [], [], []
-    for layer_stats in stats:
+    for layer_stats, block_size in zip(stats, block_sizes):
         cost = 1.0 - np.abs(correlation(layer_stats))
         d = cost.shape[0]
+        if block_size < 1 or d % block_size:
+            raise ValueError(f"block size {block_size} does not divide d_inner {d}: choose a divisor of {d}")
         identity_cost = path_cost(cost, np.arange(d))
-        order, greedy_cost, after_cost = best_path(cost, n_starts, max_passes)
+        if block_size == 1:
+            order, greedy_cost, after_cost = best_path(cost, n_starts, max_passes)
+        else:
+            order = blockwise_path(cost, block_size, n_starts, max_passes)
+            greedy_cost = path_cost(cost, blockwise_path(cost, block_size, n_starts, 0))
+            after_cost = path_cost(cost, order)
         if after_cost >= identity_cost * (1.0 - min_improvement):
             order, after_cost = np.arange(d), identity_cost
         perms.append(order.tolist())
@@ -214,7 +251,8 @@ def decide_scan_order(source: ScanStatsCollector | Sequence[LayerStats], n_start
 class PermuteOp:
     """Permute parameter `name` along `dim`: new = old.index_select(dim, index). With block_size > 1 the parameter
     holds one value per block of channels (structured mask logits): `index` maps each new channel to its old
-    block and the new block value is the mean over its channels (exact when whole blocks move together)."""
+    block, and each new block copies the value of the old block of its first channel. The plan only builds such an
+    op when that is exact (whole blocks move, or every block involved holds the same value): never an average."""
 
     name: str
     dim: int
@@ -222,10 +260,14 @@ class PermuteOp:
     block_size: int = 1
 
     def apply(self, tensor: Tensor) -> Tensor:
-        out = tensor.index_select(self.dim, self.index.to(tensor.device))
-        if self.block_size > 1:
-            out = out.unflatten(self.dim, (-1, self.block_size)).mean(self.dim + 1)
-        return out
+        index = self.index if self.block_size == 1 else self.index[::self.block_size]
+        return tensor.index_select(self.dim, index.to(tensor.device))
+
+    def is_exact_for(self, tensor: Tensor) -> bool:
+        """Whether every new block gathers channels whose old blocks hold equal values (so the copy is exact)."""
+        values = tensor.index_select(self.dim, self.index.to(tensor.device)).movedim(self.dim, 0)
+        values = values.unflatten(0, (-1, self.block_size))
+        return bool((values == values[:, :1]).all())
 
 
 def _projection_ops(prefix: str, rel: str, param: Tensor, module: nn.Module, side: str,
@@ -243,7 +285,13 @@ def _projection_ops(prefix: str, rel: str, param: Tensor, module: nn.Module, sid
         layer = base_layer(module)
         if layer.kind == "unstructured":
             return [PermuteOp(name, dim_of_side, index)]
-        return [PermuteOp(name, 0, index // layer.block_size, layer.block_size)] if layer.side == side else []
+        if layer.side != side:
+            return []
+        op = PermuteOp(name, 0, index // layer.block_size, layer.block_size)
+        if not op.is_exact_for(layer.mask_logits.detach()):
+            raise ValueError(f"{name}: the permutation splits blocks of a structured mask whose logits differ, which "
+                             "would change the mask; decide with block_sizes=reorder_block_sizes(model)")
+        return [op]
     if parts[0] == "lora_A":
         return [PermuteOp(name, 1, index)] if side == "in" else []
     if parts[0] == "ia3_l":   # (out, 1) scales outputs, (1, in) scales inputs
@@ -271,7 +319,7 @@ def reparametrization_plan(model: "AdaptiveMambaForCausalLM", decision: ScanOrde
         prefix = f"blocks.{i}.mixer"
         for rel, param in mixer.named_parameters():
             head = rel.split(".")[0]
-            if head in ("A_log", "D"):
+            if head in ("A_log", "D") or rel == "channel_mask.mask_logits":    # one value per channel
                 plan.append(PermuteOp(f"{prefix}.{rel}", 0, perm))
             elif head == "conv1d":
                 if rel not in ("conv1d.weight", "conv1d.bias"):
@@ -286,6 +334,22 @@ def reparametrization_plan(model: "AdaptiveMambaForCausalLM", decision: ScanOrde
             else:
                 raise ValueError(f"unknown mixer parameter {prefix}.{rel}: cannot reorder channels safely")
     return plan
+
+
+def reorder_block_sizes(model: "AdaptiveMambaForCausalLM") -> list[int]:
+    """Per layer, the runs of channels a refresh must keep together to stay exact: the block size of a structured
+    mask on the d_inner side whose logits are not all equal, else 1 (free)."""
+    sizes = []
+    for block in model.blocks:
+        size = 1
+        for proj in PROJECTIONS:
+            layer = base_layer(getattr(block.mixer, proj))
+            logits = getattr(layer, "mask_logits", None)
+            if (getattr(layer, "kind", None) == "structured" and layer.side == D_INNER_SIDE[proj]
+                    and logits is not None and logits.numel() and bool((logits != logits.reshape(-1)[0]).any())):
+                size = math.lcm(size, layer.block_size)
+        sizes.append(size)
+    return sizes
 
 
 def current_scan_order(model: "AdaptiveMambaForCausalLM") -> list[list[int]]:
@@ -316,6 +380,6 @@ def apply_scan_order(model: "AdaptiveMambaForCausalLM", decision: ScanOrderDecis
     return plan
 
 
-__all__ = ["LayerStats", "PermuteOp", "ScanOrderDecision", "ScanStatsCollector", "apply_scan_order",
+__all__ = ["LayerStats", "PermuteOp", "blockwise_path", "ScanOrderDecision", "ScanStatsCollector", "apply_scan_order",
            "best_path", "correlation", "current_scan_order", "decide_scan_order", "nearest_neighbour_path",
-           "path_cost", "reparametrization_plan", "two_opt"]
+           "path_cost", "reorder_block_sizes", "reparametrization_plan", "two_opt"]

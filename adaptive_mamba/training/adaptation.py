@@ -19,6 +19,7 @@ rebuilds it before loading weights.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -32,11 +33,12 @@ from adaptive_mamba.pillars.common import iter_projections, resolve_module
 from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, HybridPeftConfig, apply_allocation,
                                                 decide_allocation, detach_adapter, format_allocation_table,
                                                 module_importance, pruned_modules, uniform_allocation)
-from adaptive_mamba.pillars.masks import (MaskConfig, MaskedLinear, apply_masks, expected_sparsity,
+from adaptive_mamba.flops import model_flops
+from adaptive_mamba.pillars.masks import (MaskConfig, MaskedLinear, apply_masks, compile_masks, mask_regularizer,
                                           set_temperature, sparsity_report, temperature_at)
 from adaptive_mamba.pillars.persistence import save_adaptive_model
 from adaptive_mamba.pillars.scan_order import (ScanOrderDecision, ScanStatsCollector, current_scan_order,
-                                               decide_scan_order, reparametrization_plan)
+                                               decide_scan_order, reorder_block_sizes, reparametrization_plan)
 from adaptive_mamba.training.config import TrainConfig
 from adaptive_mamba.training.distributed import DistContext, all_reduce_sum, broadcast_object
 from adaptive_mamba.training.engine import permute_engine_params, zero_stage
@@ -104,10 +106,10 @@ class PillarController:
 
     # ----------------------------------------------------------------------------------- per step
     def regularizer(self, model: AdaptiveMambaForCausalLM) -> Tensor:
-        """sparsity_weight * |expected sparsity - target| over the masked projections (0 without masks)."""
+        """masks.mask_regularizer (0 without masks): sparsity_weight * |sparsity - target| over the masks."""
         if self.mask_cfg is None or not model.training:
             return torch.zeros((), device=model.embedding.weight.device)
-        return self.mask_cfg.sparsity_weight * (expected_sparsity(model) - self.mask_cfg.target_sparsity).abs()
+        return mask_regularizer(model, self.mask_cfg)
 
     def on_step_begin(self, model: AdaptiveMambaForCausalLM, step: int) -> None:
         if self.mask_cfg is not None:
@@ -137,11 +139,12 @@ class PillarController:
         tensors = self.collector.state_tensors()
         for t, total in zip(tensors, all_reduce_sum(tensors)):
             t.copy_(total)
-        decision = decide_scan_order(self.collector, step=step) if self.ctx.is_main else None
-        decision = ScanOrderDecision.from_dict(broadcast_object(decision.to_dict() if decision else None))
         model = trainer.module.model
-        # the plan reads parameter shapes: under ZeRO-3 (partitioned) plan on a gathered copy (same names)
+        # the plan reads parameter shapes and mask logits: under ZeRO-3 (partitioned) plan on a gathered copy
         plan_model = trainer.full_model() if zero_stage(trainer.ds_config) == 3 else model
+        decision = decide_scan_order(self.collector, step=step, block_sizes=reorder_block_sizes(plan_model)) \
+            if self.ctx.is_main else None
+        decision = ScanOrderDecision.from_dict(broadcast_object(decision.to_dict() if decision else None))
         plan = [(f"model.{op.name}", op.apply) for op in reparametrization_plan(plan_model, decision)]
         permute_engine_params(trainer.engine, plan)
         order = current_scan_order(model)
@@ -231,8 +234,13 @@ class PillarController:
             values["executed_flops_ratio"] = round(rep["executed_flops"] / rep["dense_flops"], 4)
             values["module_sparsity"] = {name: r["sparsity"] for name, r in rep["modules"].items()}
             parts.append(f"mask sparsity {100 * rep['sparsity']:.1f}% (target {100 * self.cfg.target_sparsity:.0f}%; "
-                         f"evaluation executes {100 * values['executed_flops_ratio']:.1f}% of the dense projection "
-                         "FLOPs)")
+                         f"evaluation executes {100 * values['executed_flops_ratio']:.1f}% of the dense FLOPs of the "
+                         "masked modules)")
+        values.update(self._flops(model))
+        parts.append(f"whole-model FLOPs per token at seq_len {self.cfg.seq_len}: evaluation forward "
+                     f"{values['flops_eval_forward']:,.0f} ({100 * values['flops_eval_forward'] / values['flops_dense_forward']:.1f}% "
+                     f"of dense), training step {values['flops_train_step']:,.0f}, exported model forward "
+                     f"{values['flops_export_forward']:,.0f}")
         parts.append(f"trainable parameters {values['trainable_pct']:.2f}% ({trainable:,} of {total:,})")
         if self.scan_decisions:
             first, last = self.scan_decisions[0], self.scan_decisions[-1]
@@ -250,6 +258,19 @@ class PillarController:
             parts.append(f"allocation after {len(self.allocation_history)} decision(s): LoRA (r={self.cfg.peft_r}) on "
                          f"{counts['lora']}, IA3 on {counts['ia3']}, frozen {counts['frozen']} of {len(kinds)} modules")
         return {"values": values, "text": "Pillars: " + "; ".join(parts) + "."}
+
+    def _flops(self, model: AdaptiveMambaForCausalLM) -> dict[str, float]:
+        """Executed FLOPs per token (adaptive_mamba.flops) of `model` at evaluation and in a training step, of the
+        dense model of the same shape and of the exported (merged) model, which counts what really runs there."""
+        seq_len, was_training = self.cfg.seq_len, model.training
+        count = model_flops(model.eval(), seq_len)
+        dense = AdaptiveMambaForCausalLM(type(model.config).from_dict({**model.config.to_dict(), "extra": {}}))
+        exported = merged_plain_model(copy.deepcopy(model)).eval()
+        model.train(was_training)
+        return {"flops_eval_forward": count.per_token()["forward"],
+                "flops_train_step": count.per_token()["training_step"],
+                "flops_dense_forward": model_flops(dense.eval(), seq_len).per_token()["forward"],
+                "flops_export_forward": model_flops(exported, seq_len).per_token()["forward"]}
 
     def export(self, model: AdaptiveMambaForCausalLM, out: Path) -> list[Path]:
         """Adapters in peft format (when allocated) and a merged plain model (adapters merged, hard masks baked
@@ -284,8 +305,9 @@ class PillarController:
 def merged_plain_model(model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausalLM:
     """A plain AdaptiveMambaForCausalLM computing what `model` computes in evaluation mode: the LoRA / IA3
     adapters are merged into their base weights first (the adapted layer computes (W + delta) * M), then each hard
-    mask is multiplied into its weight (dropped structured outputs keep their bias, as the compact forward does).
-    `model` is consumed."""
+    mask is multiplied into its weight (dropped structured outputs keep their bias, as the compact forward does), and
+    each channel mask becomes a mixer of its kept channels (config.layer_d_inner: the export executes the reduced
+    FLOPs). `model` is consumed."""
     with torch.no_grad():
         for name, _, module, _ in iter_projections(model):
             if isinstance(module, (LoraLayer, IA3Layer)):
@@ -296,6 +318,7 @@ def merged_plain_model(model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausa
                 plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
                 plain.weight, plain.bias = layer.weight, layer.bias
                 setattr(parent, attr, plain)
+        compile_masks(model)        # what remains are channel masks: mixers of the kept channels (layer_d_inner)
     config = type(model.config).from_dict(model.config.to_dict())
     config.extra = {k: v for k, v in config.extra.items() if k not in ("masks", "hybrid_peft")}
     config.extra["merged"] = {"masks_baked": True, "adapters_merged": True}

@@ -44,7 +44,8 @@ class TrainConfig:
     batch_size: int = 1                     # sequences per rank per micro-step
     grad_accum_steps: int = 1
     learning_rate: float = 1e-3
-    mask_learning_rate: Optional[float] = None   # peak lr of the mask logits (None: learning_rate); same schedule
+    mask_learning_rate: Optional[float] = 5e-2   # peak lr of the mask logits (None: learning_rate); same schedule.
+                                            # Adam moves a logit ~lr per step: from +3 to 0 in ~60 steps
     min_lr_ratio: float = 0.1               # cosine decays to learning_rate * min_lr_ratio
     warmup_steps: int = 0
     lr_schedule: str = "cosine"             # cosine | constant
@@ -65,13 +66,14 @@ class TrainConfig:
 
     # --- pillar 2: learned masks
     masking: bool = True
-    mask_granularity: str = "structured"    # structured (channel blocks) | unstructured (per weight)
+    mask_granularity: str = "structured"    # structured (channel blocks) | unstructured (per weight) | channel
+                                            # (per d_inner channel across the whole mixer; ignores mask_targets)
     mask_block_size: int = 8
     mask_targets: str = "in_proj,x_proj,out_proj"   # comma-separated projections masked (and adaptable by pillar 3)
     masking_tau: float = 1.0                # initial temperature
     masking_tau_final: float = 0.1          # temperature at the last step (annealed)
     target_sparsity: float = 0.5
-    sparsity_weight: float = 0.1
+    sparsity_weight: float = 5.0             # of masks.mask_regularizer (BENCHMARKS.md: realised vs target)
 
     # --- pillar 3: hybrid PEFT (and its controls)
     peft: bool = True
@@ -121,7 +123,7 @@ class TrainConfig:
             if not ok(value):
                 raise ConfigValueError(key, value, f"must be {rule}")
         choices = {"precision": ("fp32", "bf16"), "lr_schedule": ("cosine", "constant"),
-                   "packing": ("pack", "pad"), "mask_granularity": ("structured", "unstructured"),
+                   "packing": ("pack", "pad"), "mask_granularity": ("structured", "unstructured", "channel"),
                    "peft_mode": ("hybrid", "lora", "ia3", "full"), "importance_source": ("saliency", "activations", "random"),
                    "nan_policy": ("error",), "wandb_mode": ("auto", "online", "offline", "disabled"),
                    "gradient_checkpointing": (True, False, "auto")}
