@@ -31,6 +31,7 @@ METRICS = [
     ("total_params", "total parameters", "", "lower"),
     ("flops_forward_per_token", "inference FLOPs per token", "FLOP", "lower"),
     ("flops_train_per_token", "training FLOPs per token", "FLOP", "lower"),
+    ("flops_export_per_token", "exported model's FLOPs per token", "FLOP", "lower"),
     ("sparsity", "realised mask sparsity", "", "higher"),
     ("peak_memory_mb", "peak memory", "MiB", "lower"),
     ("tokens_per_s", "training throughput", "tokens/s", "higher"),

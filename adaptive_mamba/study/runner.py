@@ -144,7 +144,6 @@ def collect(run: RunSpec, train_dir: Path, overrides: Mapping[str, Any], lr_scal
         elapsed += tokens_per_step / max(rec["tokens_per_s"], 1e-9)
         time_curve.append(round(elapsed, 4))
     eval_loss = summary.get("eval_loss_last")
-    flops = summary.get("flops") or {}
     return {
         **run.to_dict(), "overrides": dict(overrides), "lr_scale": lr_scale, "notes": dict(notes),
         "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50)) if eval_loss is not None else None,
@@ -154,7 +153,8 @@ def collect(run: RunSpec, train_dir: Path, overrides: Mapping[str, Any], lr_scal
         "tokens_per_s": summary["tokens_per_s"], "peak_memory_mb": summary["peak_memory_mb"],
         "trainable_params": summary.get("trainable_params"), "total_params": summary.get("total_params"),
         "sparsity": summary.get("sparsity"), "module_sparsity": summary.get("module_sparsity", {}),
-        "flops_forward_per_token": flops.get("forward_per_token"),
-        "flops_train_per_token": flops.get("train_per_token"),
+        "flops_forward_per_token": summary.get("flops_eval_forward"),
+        "flops_train_per_token": summary.get("flops_train_step"),
+        "flops_export_per_token": summary.get("flops_export_forward"),
         "allocation": summary.get("allocation"), "allocation_history": summary.get("allocation_history", []),
     }
