@@ -175,7 +175,7 @@ def test_merge_on_kind_change_is_exact_when_masks_drop_weights(kind: str, change
     masks_dropping_weights(model)
     cfg = HybridPeftConfig(lora_r=4)
     apply_allocation(model, AllocationDecision({n: before for n in names(2)}, {n: 0.0 for n in names(2)}), cfg)
-    if before == "lora":
+    if before == "lora" and kind != "channel":   # a channel mask gates activations, so plain LoRA merges exactly
         assert all(isinstance(model.get_submodule(n).lora_variant["lora"], MaskedLoraVariant) for n in names(2))
     perturb_adapters(model, seed=1)
     ids = batches()[0][0]
