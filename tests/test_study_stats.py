@@ -119,3 +119,17 @@ def test_convergence_and_effects_from_results(tmp_path: Path) -> None:
                        results, {})
     assert (tmp_path / "RESEARCH_REPORT.md").read_text().count("| all |") == 1
     assert np.isclose(out["arms"]["finetune"]["all"]["eval_loss"]["mean"], 2.91)
+
+
+def test_every_run_of_every_mode_is_a_valid_train_config(spec: StudySpec, tmp_path: Path) -> None:
+    """configs/study.yaml: each run of each mode builds a TrainConfig (unknown keys and bad values would fail)."""
+    from adaptive_mamba.study.runner import RunContext, train_config
+    from adaptive_mamba.training.config import TrainConfig
+
+    for mode in spec.modes:
+        ctx = RunContext(spec, mode, tmp_path, REPO, {"pretrain": tmp_path / "a", "finetune": tmp_path / "b"},
+                         base_model=tmp_path / "base")
+        for run in build_plan(spec, mode).runs:
+            overrides = {**run.overrides, "peft_r": 2} if run.overrides.get("peft_r") == MATCHED else run.overrides
+            cfg = TrainConfig(**train_config(run, ctx, overrides, 1.0))
+            assert cfg.seed == run.seed and (cfg.init_from is not None) == (run.regime == "finetune")
