@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from adaptive_mamba.config import AdaptiveMambaConfig
-from adaptive_mamba.ops import selective_scan, selective_state_update
+from adaptive_mamba.ops import causal_conv1d_silu, selective_scan, selective_state_update
 
 
 @dataclass
@@ -77,18 +77,20 @@ class MambaMixer(nn.Module):
     def forward(self, hidden: Tensor, state: Optional[LayerState] = None) -> tuple[Tensor, Optional[LayerState]]:
         """hidden: (B, L, d_model). With `state`, continue from it and return the new state (in place of it)."""
         length = hidden.shape[1]
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)            # (B, d_inner, L) each
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)                           # (B, L, d_inner) views
         pad = self.d_conv - 1
-        if state is None:
-            conv_out = self.conv1d(x)[..., :length]
-        else:
-            conv_in = torch.cat([state.conv.to(x.dtype), x], dim=-1)
-            conv_out = self.conv1d(conv_in)[..., pad:pad + length]
+        if state is not None:
+            conv_in = torch.cat([state.conv.to(x.dtype), x.transpose(1, 2)], dim=-1)
+            u = F.silu(self.conv1d(conv_in)[..., pad:pad + length]).transpose(1, 2)
             new_conv = conv_in[..., conv_in.shape[-1] - pad:]
-        u = self.scan_input(F.silu(conv_out))
+        else:
+            u = causal_conv1d_silu(x, self.conv1d)                              # (B, L, d_inner)
+        # (B, L, d_inner) activations; the scan and the hook see them as (B, d_inner, L) views, without copies
+        u = self.scan_input(u.transpose(1, 2))
         x_dbl = self.x_proj(u.transpose(1, 2))                                  # (B, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt).transpose(1, 2)                                # (B, d_inner, L), bias included
+        z = z.transpose(1, 2)
         A = -torch.exp(self.A_log.float())
         if state is not None and length == 1:
             y, ssm = selective_state_update(state.ssm, u[..., 0], F.softplus(delta[..., 0].float()), A, B[:, 0],
