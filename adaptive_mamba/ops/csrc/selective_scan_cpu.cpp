@@ -13,8 +13,8 @@
 // Work unit: one batch row and a block of up to kK = 16 channels of one B/C group. At each step the kK channels
 // are updated together: the inner loops run over the block's channels (one AVX-512 register), with B_t / C_t
 // values broadcast, so no horizontal reduction is needed in the forward. exp dominates the cost, hence the
-// polynomial exp. The backward recomputes the block's states into a per-thread (L + 1, N, kK) buffer instead
-// of storing (B, D, L, N) in the forward.
+// polynomial exp. The backward recomputes the states instead of storing (B, D, L, N) in the forward: once to
+// keep a state every kChunk steps, then chunk by chunk from the end, so its working set stays in cache.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -136,18 +136,29 @@ struct Block {
   }
 };
 
-// Loads one step's delta and u for the block's lanes (zero in unused lanes).
-inline void load_step(const Scan& s, const Block& blk, int64_t t, float* dt, float* uu) {
-  for (int k = 0; k < kK; ++k) {
-    dt[k] = k < blk.nk ? s.delta.at(blk.b, blk.d0 + k, t) : 0.0f;
-    uu[k] = k < blk.nk ? s.u.at(blk.b, blk.d0 + k, t) : 0.0f;
+// Loads one step's values of the block's channels into lanes (zero in unused lanes), and stores them back.
+inline void gather(const Strided& v, const Block& blk, int64_t t, float* dst) {
+  const float* p = &v.at(blk.b, blk.d0, t);
+  if (v.sd == 1 && blk.nk == kK) {
+    std::memcpy(dst, p, sizeof(float) * kK);
+    return;
   }
+  for (int k = 0; k < kK; ++k) dst[k] = k < blk.nk ? p[k * v.sd] : 0.0f;
 }
 
-// One step of the recurrence for the block; returns <h_t, C_t> per lane in y. Optionally stores h_t.
+inline void scatter(const Strided& v, const Block& blk, int64_t t, const float* src) {
+  float* p = &v.at(blk.b, blk.d0, t);
+  if (v.sd == 1 && blk.nk == kK) {
+    std::memcpy(p, src, sizeof(float) * kK);
+    return;
+  }
+  for (int64_t k = 0; k < blk.nk; ++k) p[k * v.sd] = src[k];
+}
+
+// One step of the recurrence for the block; y <- <h_t, C_t> per lane. Optionally stores h_t and exp(dt A).
 inline void step_states(const Block& blk, int64_t N, const float* dt, const float* uu, const float* Bt,
-                        const float* Ct, float (*h)[kK], float* y, float* store) {
-  float du[kK];
+                        const float* Ct, float (*h)[kK], float* y, float* store, float* decay_store) {
+  float du[kK], ex[kK];
 #pragma omp simd
   for (int k = 0; k < kK; ++k) {
     du[k] = dt[k] * uu[k];
@@ -155,30 +166,41 @@ inline void step_states(const Block& blk, int64_t N, const float* dt, const floa
   }
   for (int64_t n = 0; n < N; ++n) {
     const float b = Bt[n], c = Ct[n];
+    float* hn = h[n];
 #pragma omp simd
     for (int k = 0; k < kK; ++k) {
-      h[n][k] = fast_exp(dt[k] * blk.A[n][k]) * h[n][k] + du[k] * b;
-      y[k] += h[n][k] * c;
+      ex[k] = fast_exp(dt[k] * blk.A[n][k]);
+      hn[k] = ex[k] * hn[k] + du[k] * b;
+      y[k] += hn[k] * c;
     }
-    if (store) std::memcpy(store + n * kK, h[n], sizeof(float) * kK);
+    if (store) std::memcpy(store + n * kK, hn, sizeof(float) * kK);
+    if (decay_store) std::memcpy(decay_store + n * kK, ex, sizeof(float) * kK);
   }
 }
 
-void forward_block(const Scan& s, const Block& blk, Strided out, float* last) {
+// silu(z) per lane.
+inline void silu(const float* z, float* out) {
+#pragma omp simd
+  for (int k = 0; k < kK; ++k) out[k] = z[k] * sigmoid(z[k]);
+}
+
+void forward_block(const Scan& s, const Block& blk, const Strided& out, float* last) {
   const int64_t N = s.nstate;
-  float h[kMaxN][kK], dt[kK], uu[kK], y[kK];
+  float h[kMaxN][kK], dt[kK], uu[kK], y[kK], gate[kK];
   std::memcpy(h, blk.h0, sizeof(float) * kK * N);
   for (int64_t t = 0; t < s.len; ++t) {
-    load_step(s, blk, t, dt, uu);
-    step_states(blk, N, dt, uu, s.Bm.step(blk.b, blk.g, t), s.Cm.step(blk.b, blk.g, t), h, y, nullptr);
-    for (int64_t k = 0; k < blk.nk; ++k) {
-      float v = y[k] + blk.skip[k] * uu[k];
-      if (s.z.p) {
-        const float zz = s.z.at(blk.b, blk.d0 + k, t);
-        v *= zz * sigmoid(zz);
-      }
-      out.at(blk.b, blk.d0 + k, t) = v;
+    gather(s.delta, blk, t, dt);
+    gather(s.u, blk, t, uu);
+    step_states(blk, N, dt, uu, s.Bm.step(blk.b, blk.g, t), s.Cm.step(blk.b, blk.g, t), h, y, nullptr, nullptr);
+#pragma omp simd
+    for (int k = 0; k < kK; ++k) y[k] += blk.skip[k] * uu[k];
+    if (s.z.p) {
+      gather(s.z, blk, t, gate);
+      silu(gate, gate);
+#pragma omp simd
+      for (int k = 0; k < kK; ++k) y[k] *= gate[k];
     }
+    scatter(out, blk, t, y);
   }
   for (int64_t k = 0; k < blk.nk; ++k)
     for (int64_t n = 0; n < N; ++n) last[(blk.b * s.dim + blk.d0 + k) * N + n] = h[n][k];
@@ -190,72 +212,101 @@ struct Grads {
   double *dA, *dD;     // (D, N), (D,): a channel's rows are owned by the worker that owns its block
 };
 
-void backward_block(const Scan& s, const Block& blk, Strided dout, std::vector<float>& hs, const Grads& gr) {
+constexpr int64_t kChunk = 64;  // steps whose states the backward holds at once (stays in L1/L2)
+
+// Per-thread buffers of the backward: a state every kChunk steps, then one chunk's states and decays.
+struct Scratch {
+  std::vector<float> checkpoints, hs, decays;
+  Scratch(int64_t len, int64_t nstate)
+      : checkpoints(((len + kChunk - 1) / kChunk) * nstate * kK), hs((kChunk + 1) * nstate * kK),
+        decays(kChunk * nstate * kK) {}
+};
+
+void backward_block(const Scan& s, const Block& blk, const Strided& dout, Scratch& sc, const Grads& gr) {
   const int64_t N = s.nstate, L = s.len, b = blk.b;
   const int64_t step = N * kK;
-  // 1. Recompute the states (row 0: the initial state, row t + 1: h_t); the gate's gradient needs y_t.
-  float h[kMaxN][kK], dt[kK], uu[kK], y[kK];
+  if (L == 0) return;
+  float h[kMaxN][kK], dt[kK], uu[kK], y[kK], g[kK], zz[kK];
+  // 1. Run the recurrence once, keeping the state at the start of every chunk; the gate's gradient needs y_t.
   std::memcpy(h, blk.h0, sizeof(float) * step);
-  std::memcpy(hs.data(), blk.h0, sizeof(float) * step);
   for (int64_t t = 0; t < L; ++t) {
-    load_step(s, blk, t, dt, uu);
-    step_states(blk, N, dt, uu, s.Bm.step(b, blk.g, t), s.Cm.step(b, blk.g, t), h, y, hs.data() + (t + 1) * step);
-    if (s.z.p)
-      for (int64_t k = 0; k < blk.nk; ++k) {
-        const float zz = s.z.at(b, blk.d0 + k, t), sg = sigmoid(zz);
-        gr.dz.at(b, blk.d0 + k, t) = dout.at(b, blk.d0 + k, t) * (y[k] + blk.skip[k] * uu[k]) * sg * (1.0f + zz * (1.0f - sg));
+    if (t % kChunk == 0) std::memcpy(sc.checkpoints.data() + (t / kChunk) * step, h, sizeof(float) * step);
+    gather(s.delta, blk, t, dt);
+    gather(s.u, blk, t, uu);
+    step_states(blk, N, dt, uu, s.Bm.step(b, blk.g, t), s.Cm.step(b, blk.g, t), h, y, nullptr, nullptr);
+    if (s.z.p) {
+      gather(s.z, blk, t, zz);
+      gather(dout, blk, t, g);
+#pragma omp simd
+      for (int k = 0; k < kK; ++k) {
+        const float sg = sigmoid(zz[k]);
+        g[k] *= (y[k] + blk.skip[k] * uu[k]) * sg * (1.0f + zz[k] * (1.0f - sg));
       }
+      scatter(gr.dz, blk, t, g);
+    }
   }
 
-  // 2. Walk back in time carrying gs = dLoss/dh_t.
+  // 2. Chunks from the last: recompute the chunk's states and decays, then walk back carrying gs = dLoss/dh_t.
   float gs[kMaxN][kK], dA_acc[kMaxN][kK], dy[kK], du[kK], ddt[kK];
   std::memset(gs, 0, sizeof(float) * step);
   std::memset(dA_acc, 0, sizeof(float) * step);
   double dD_acc[kK] = {0.0};
   const int64_t bg = (b * s.groups + blk.g) * L * N;
-  for (int64_t t = L - 1; t >= 0; --t) {
-    load_step(s, blk, t, dt, uu);
-    for (int k = 0; k < kK; ++k) {
-      float g = k < blk.nk ? dout.at(b, blk.d0 + k, t) : 0.0f;
-      if (s.z.p && k < blk.nk) {
-        const float zz = s.z.at(b, blk.d0 + k, t);
-        g *= zz * sigmoid(zz);
-      }
-      dy[k] = g;
-      du[k] = g * blk.skip[k];
-      ddt[k] = 0.0f;
-      dD_acc[k] += static_cast<double>(g) * uu[k];
+  for (int64_t t0 = ((L - 1) / kChunk) * kChunk; t0 >= 0; t0 -= kChunk) {
+    const int64_t t1 = std::min(L, t0 + kChunk);
+    std::memcpy(h, sc.checkpoints.data() + (t0 / kChunk) * step, sizeof(float) * step);
+    std::memcpy(sc.hs.data(), h, sizeof(float) * step);
+    for (int64_t t = t0; t < t1; ++t) {
+      gather(s.delta, blk, t, dt);
+      gather(s.u, blk, t, uu);
+      step_states(blk, N, dt, uu, s.Bm.step(b, blk.g, t), s.Cm.step(b, blk.g, t), h, y,
+                  sc.hs.data() + (t - t0 + 1) * step, sc.decays.data() + (t - t0) * step);
     }
-    const float* ht = hs.data() + (t + 1) * step;
-    const float* hprev = hs.data() + t * step;
-    const float* Bt = s.Bm.step(b, blk.g, t);
-    const float* Ct = s.Cm.step(b, blk.g, t);
-    float* dBt = gr.dB + bg + t * N;
-    float* dCt = gr.dC + bg + t * N;
-    for (int64_t n = 0; n < N; ++n) {
-      const float bn = Bt[n], cn = Ct[n];
-      const float* hn = ht + n * kK;
-      const float* hp = hprev + n * kK;
-      float sB = 0.0f, sC = 0.0f;
-#pragma omp simd reduction(+ : sB, sC)
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      gather(s.delta, blk, t, dt);
+      gather(s.u, blk, t, uu);
+      gather(dout, blk, t, dy);
+      if (s.z.p) {
+        gather(s.z, blk, t, zz);
+        silu(zz, zz);
+#pragma omp simd
+        for (int k = 0; k < kK; ++k) dy[k] *= zz[k];
+      }
       for (int k = 0; k < kK; ++k) {
-        const float a = blk.A[n][k];
-        const float gn = gs[n][k] + dy[k] * cn;
-        const float decay = fast_exp(dt[k] * a);
-        const float dd = gn * hp[k] * decay;  // dLoss/d(dt * A) through the decay
-        ddt[k] += dd * a + gn * bn * uu[k];
-        dA_acc[n][k] += dd * dt[k];
-        sB += gn * dt[k] * uu[k];
-        sC += dy[k] * hn[k];
-        du[k] += gn * dt[k] * bn;
-        gs[n][k] = gn * decay;
+        du[k] = dy[k] * blk.skip[k];
+        ddt[k] = 0.0f;
+        dD_acc[k] += static_cast<double>(dy[k]) * uu[k];
       }
-      dBt[n] += sB;
-      dCt[n] += sC;
-    }
-    for (int64_t k = 0; k < blk.nk; ++k) {
-      gr.ddelta.at(b, blk.d0 + k, t) = ddt[k];
-      gr.du.at(b, blk.d0 + k, t) = du[k];
+      const float* ht = sc.hs.data() + (t - t0 + 1) * step;
+      const float* hprev = sc.hs.data() + (t - t0) * step;
+      const float* dec = sc.decays.data() + (t - t0) * step;
+      const float* Bt = s.Bm.step(b, blk.g, t);
+      const float* Ct = s.Cm.step(b, blk.g, t);
+      float* dBt = gr.dB + bg + t * N;
+      float* dCt = gr.dC + bg + t * N;
+      for (int64_t n = 0; n < N; ++n) {
+        const float bn = Bt[n], cn = Ct[n];
+        const float* hn = ht + n * kK;
+        const float* hp = hprev + n * kK;
+        const float* en = dec + n * kK;
+        float sB = 0.0f, sC = 0.0f;
+#pragma omp simd reduction(+ : sB, sC)
+        for (int k = 0; k < kK; ++k) {
+          const float a = blk.A[n][k];
+          const float gn = gs[n][k] + dy[k] * cn;
+          const float dd = gn * hp[k] * en[k];  // dLoss/d(dt * A) through the decay
+          ddt[k] += dd * a + gn * bn * uu[k];
+          dA_acc[n][k] += dd * dt[k];
+          sB += gn * dt[k] * uu[k];
+          sC += dy[k] * hn[k];
+          du[k] += gn * dt[k] * bn;
+          gs[n][k] = gn * en[k];
+        }
+        dBt[n] += sB;
+        dCt[n] += sC;
+      }
+      scatter(gr.ddelta, blk, t, ddt);
+      scatter(gr.du, blk, t, du);
     }
   }
   for (int64_t k = 0; k < blk.nk; ++k) {
@@ -302,13 +353,13 @@ std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor del
   const int64_t part = s.batch * s.groups * s.len * s.nstate;
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     FlushDenormals ftz;
-    std::vector<float> hs((s.len + 1) * s.nstate * kK);
+    Scratch scratch(s.len, s.nstate);
     for (int64_t w = begin; w < end; ++w) {
       const Grads gr{strided(du), strided(ddelta), strided(dz), dB_parts.data_ptr<float>() + w * part,
                      dC_parts.data_ptr<float>() + w * part, dA.data_ptr<double>(), dD.data_ptr<double>()};
       const int64_t i0 = w * s.blocks() / workers, i1 = (w + 1) * s.blocks() / workers;
       for (int64_t i = i0; i < i1; ++i)
-        for (int64_t b = 0; b < s.batch; ++b) backward_block(s, Block(s, b, i), go, hs, gr);
+        for (int64_t b = 0; b < s.batch; ++b) backward_block(s, Block(s, b, i), go, scratch, gr);
     }
   });
   return {du, ddelta, dA.to(torch::kFloat32), dB_parts.sum(0), dC_parts.sum(0),
