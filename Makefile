@@ -30,5 +30,12 @@ train: venv
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) \
 		launch/train.py --config configs/demo.yaml $(TRAIN_ARGS)
 
+# CPU benchmarks (minutes; they print the tables of BENCHMARKS.md). Measure on an idle machine.
+bench: venv
+	$(PY) bench/profile_step.py
+	$(PY) bench/bench_model.py --lengths 2048 8192
+	$(PY) bench/bench_scan_decision.py
+	$(PY) bench/bench_tokenize.py
+
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
