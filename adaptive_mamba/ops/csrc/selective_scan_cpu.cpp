@@ -343,7 +343,8 @@ std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor del
   workers = std::max<int64_t>(1, std::min<int64_t>(workers, s.blocks()));
   auto du = torch::empty_like(u);
   auto ddelta = torch::empty_like(delta);
-  auto dz = z.numel() ? torch::empty_like(z) : torch::empty({0}, u.options());
+  // like u (not z): z is often a non-dense slice, and dz then joins du-shaped gradients in a (B, L, D) cat
+  auto dz = z.numel() ? torch::empty_like(u) : torch::empty({0}, u.options());
   auto dB_parts = torch::zeros({workers, s.batch, s.groups, s.len, s.nstate}, u.options());
   auto dC_parts = torch::zeros({workers, s.batch, s.groups, s.len, s.nstate}, u.options());
   auto f64 = u.options().dtype(torch::kFloat64);
