@@ -1,9 +1,11 @@
 """Mamba-1 language model, read top to bottom: RMSNorm -> mixer -> block -> causal LM with a recurrent cache.
 
-Every projection (in_proj, x_proj, dt_proj, out_proj) and the conv are applied by calling their modules on
-every path (training, chunked scoring, one-token generation), so masks and adapters that replace or wrap
-those modules always take effect and receive gradients. Only the scan itself is fused
-(`adaptive_mamba.ops.selective_scan`).
+Every projection (in_proj, x_proj, dt_proj, out_proj) is applied by calling its module on every path
+(training, chunked scoring, one-token generation), so masks and adapters that replace or wrap those modules
+always take effect and receive gradients. Only the scan (`adaptive_mamba.ops.selective_scan`) and the conv are
+fused: a plain, unhooked `nn.Conv1d` runs as the fused conv + SiLU kernel on the CPU (exactly its computation);
+a wrapped or hooked conv is called as a module. Activations stay (B, L, d_inner) from in_proj to out_proj; the
+scan and the `scan_input` hook see them as (B, d_inner, L) views.
 """
 from __future__ import annotations
 
