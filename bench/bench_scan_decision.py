@@ -68,7 +68,8 @@ def main() -> None:
         if collector is not None:
             collector.disable()
     base = rows[0][1][1]
-    print(f"statistics hook on a training step (hidden 256, 4 layers, batch 2, L 2048, threads {torch.get_num_threads()}):")
+    print("statistics hook on a training step (hidden 256, 4 layers, batch 2, L 2048, "
+          f"threads {torch.get_num_threads()}):")
     for stride, (wall, cpu) in rows:
         label = "no hook" if stride is None else f"hook, token stride {stride}"
         print(f"  {label:<22} {wall:7.3f} s wall {cpu:7.3f} s CPU  overhead {100 * (cpu / base - 1):+6.1f}% (CPU)")

@@ -64,7 +64,8 @@ def profile_step(length: int, top: int) -> None:
         totals[cat] += avg.self_cpu_time_total / 1e6
         ops.append((avg.self_cpu_time_total / 1e6, avg.key, cat))
     profiled = sum(totals.values())
-    print(f"\nL = {length}: step {wall:.3f} s unprofiled, {profiled:.3f} s profiled (threads {torch.get_num_threads()})")
+    threads = torch.get_num_threads()
+    print(f"\nL = {length}: step {wall:.3f} s unprofiled, {profiled:.3f} s profiled (threads {threads})")
     print(f"{'category':<16} | {'seconds':>8} | {'share':>6}")
     for cat in CATEGORIES:
         print(f"{cat:<16} | {totals[cat]:>8.3f} | {100 * totals[cat] / profiled:>5.1f}%")

@@ -311,5 +311,5 @@ def selective_state_update(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B
     return y.to(u.dtype), state
 
 
-__all__ = ["causal_conv1d_silu", "selective_scan", "selective_scan_ref", "selective_scan_torch", "selective_state_update",
-           "cuda_kernel_available"]
+__all__ = ["causal_conv1d_silu", "selective_scan", "selective_scan_ref", "selective_scan_torch",
+           "selective_state_update", "cuda_kernel_available"]
