@@ -37,5 +37,12 @@ train: venv
 gpu-check: venv
 	PYTHON=$(PY) bash bench/gpu_check.sh
 
+# CPU benchmarks (minutes; they print the tables of BENCHMARKS.md). Measure on an idle machine.
+bench: venv
+	$(PY) bench/profile_step.py
+	$(PY) bench/bench_model.py --lengths 2048 8192
+	$(PY) bench/bench_scan_decision.py
+	$(PY) bench/bench_tokenize.py
+
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -1,9 +1,11 @@
 """Mamba-1 language model, read top to bottom: RMSNorm -> mixer -> block -> causal LM with a recurrent cache.
 
-Every projection (in_proj, x_proj, dt_proj, out_proj) and the conv are applied by calling their modules on
-every path (training, chunked scoring, one-token generation), so masks and adapters that replace or wrap
-those modules always take effect and receive gradients. Only the scan itself is fused
-(`adaptive_mamba.ops.selective_scan`).
+Every projection (in_proj, x_proj, dt_proj, out_proj) is applied by calling its module on every path
+(training, chunked scoring, one-token generation), so masks and adapters that replace or wrap those modules
+always take effect and receive gradients. Only the scan (`adaptive_mamba.ops.selective_scan`) and the conv are
+fused: a plain, unhooked `nn.Conv1d` runs as the fused conv + SiLU kernel on the CPU (exactly its computation);
+a wrapped or hooked conv is called as a module. Activations stay (B, L, d_inner) from in_proj to out_proj; the
+scan and the `scan_input` hook see them as (B, d_inner, L) views.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from adaptive_mamba.config import AdaptiveMambaConfig
-from adaptive_mamba.ops import selective_scan, selective_state_update
+from adaptive_mamba.ops import causal_conv1d_silu, selective_scan, selective_state_update
 
 
 @dataclass
@@ -84,20 +86,22 @@ class MambaMixer(nn.Module):
                 return self.channel_mask.compact(self)(hidden)
             keep = self.channel_mask()[:, None]                                  # (d_inner, 1)
         length = hidden.shape[1]
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)            # (B, d_inner, L) each
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)                           # (B, L, d_inner) views
         pad = self.d_conv - 1
-        if state is None:
-            conv_out = self.conv1d(x)[..., :length]
-        else:
-            conv_in = torch.cat([state.conv.to(x.dtype), x], dim=-1)
-            conv_out = self.conv1d(conv_in)[..., pad:pad + length]
+        if state is not None:
+            conv_in = torch.cat([state.conv.to(x.dtype), x.transpose(1, 2)], dim=-1)
+            u = F.silu(self.conv1d(conv_in)[..., pad:pad + length]).transpose(1, 2)
             new_conv = conv_in[..., conv_in.shape[-1] - pad:]
-        u = self.scan_input(F.silu(conv_out))
+        else:
+            u = causal_conv1d_silu(x, self.conv1d)                              # (B, L, d_inner)
+        # (B, L, d_inner) activations; the scan and the hook see them as (B, d_inner, L) views, without copies
+        u = self.scan_input(u.transpose(1, 2))
         if keep is not None:
             u = u * keep.to(u.dtype)
         x_dbl = self.x_proj(u.transpose(1, 2))                                  # (B, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt).transpose(1, 2)                                # (B, d_inner, L), bias included
+        z = z.transpose(1, 2)
         A = -torch.exp(self.A_log.float())
         if state is not None and length == 1:
             y, ssm = selective_state_update(state.ssm, u[..., 0], F.softplus(delta[..., 0].float()), A, B[:, 0],

@@ -133,3 +133,71 @@ def test_denormal_states_are_flushed_not_slow():
     _, last = selective_scan(x["u"] * 0, x["delta"].abs(), x["A"], x["B"], x["C"], return_last_state=True,
                              initial_state=h0)
     assert torch.count_nonzero(last) == 0
+
+
+def test_strided_inputs_from_the_model_layout_match_the_reference():
+    """u, delta, z given as (b, d, L) views of (b, L, d) activations and B/C sliced from a (b, L, R + 2N) tensor
+    (the model's layouts, no copies) give the reference outputs and gradients. d = 40 leaves a partial channel
+    block (blocks are 16 channels)."""
+    b, d, n, length = 2, 40, 16, 29
+    g = torch.Generator().manual_seed(1)
+    u_bld = torch.randn(b, length, d, generator=g)
+    delta_bld = 0.5 * torch.randn(b, length, d, generator=g)
+    xz = torch.randn(b, length, 2 * d, generator=g)
+    x_dbl = torch.randn(b, length, 3 + 2 * n, generator=g)
+    A = -torch.rand(d, n, generator=g) * 4 - 0.1
+    D, bias = torch.randn(d, generator=g), torch.rand(d, generator=g) - 0.5
+    h0 = torch.randn(b, d, n, generator=g)
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (u_bld, delta_bld, xz, x_dbl, A, D, bias)]
+        u, delta, xz_, x_dbl_, A_, D_, bias_ = leaves
+        B, C = x_dbl_[..., 3:3 + n].transpose(1, 2), x_dbl_[..., 3 + n:].transpose(1, 2)
+        out, last = fn(u.transpose(1, 2), delta.transpose(1, 2), A_, B, C, D_, xz_[..., d:].transpose(1, 2), bias_,
+                       True, True, initial_state=h0.to(dtype))
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        return out, last, [t.grad for t in leaves]
+
+    out_ref, last_ref, g_ref = run(selective_scan_ref, torch.float64)
+    out, last, grads = run(selective_scan, torch.float32)
+    assert rel_err(out, out_ref) <= 1e-5 and rel_err(last, last_ref) <= 1e-5
+    for name, got, want in zip(("u", "delta", "xz", "x_dbl", "A", "D", "delta_bias"), grads, g_ref):
+        assert rel_err(got, want) <= 1e-5, name
+
+
+@pytest.mark.parametrize("d,k,bias", [(8, 4, True), (70, 4, True), (16, 3, False)])
+def test_fused_conv_silu_matches_the_module(d, k, bias):
+    """The fused causal depthwise conv + SiLU on (b, L, d) equals the nn.Conv1d module (padding k - 1, cut to L),
+    forward and gradients, including a partial channel chunk (d = 70) and no bias."""
+    from adaptive_mamba.ops import causal_conv1d_silu
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(d, d, k, groups=d, padding=k - 1, bias=bias).double()
+    xz = torch.randn(2, 33, 2 * d, dtype=torch.float64)
+
+    def run(fn, dtype):
+        c = conv.to(dtype)
+        c.zero_grad()
+        x = xz.to(dtype).detach().requires_grad_(True)
+        out = fn(x[..., :d], c)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        grads = [x.grad] + [p.grad.clone() for p in c.parameters()]
+        return out, grads
+
+    module = lambda x, c: torch.nn.functional.silu(c(x.transpose(1, 2))[..., :x.shape[1]]).transpose(1, 2)
+    want, g_want = run(module, torch.float64)
+    got, g_got = run(causal_conv1d_silu, torch.float32)
+    assert rel_err(got, want) <= 1e-5
+    for a, b in zip(g_got, g_want):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_fused_conv_yields_to_a_hooked_or_wrapped_module():
+    """A conv with a forward hook (observer, mask) is called as a module, so the hook sees the call."""
+    from adaptive_mamba.ops import causal_conv1d_silu
+
+    conv = torch.nn.Conv1d(4, 4, 4, groups=4, padding=3)
+    calls = []
+    conv.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    out = causal_conv1d_silu(torch.randn(1, 9, 4), conv)
+    assert calls == [torch.Size([1, 4, 12])] and out.shape == (1, 9, 4)

@@ -1,5 +1,7 @@
-"""Fused operators: the selective scan (CUDA via mamba-ssm, CPU via our C++ kernel, pure-torch fallback)."""
+"""Fused operators: the selective scan (CUDA via mamba-ssm, CPU via our C++ kernel, pure-torch fallback) and the
+causal conv + SiLU in front of it (CPU kernel)."""
 from adaptive_mamba.ops.selective_scan import (
+    causal_conv1d_silu,
     cuda_kernel_available,
     selective_scan,
     selective_scan_ref,
@@ -7,5 +9,5 @@ from adaptive_mamba.ops.selective_scan import (
     selective_state_update,
 )
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "selective_state_update",
-           "cuda_kernel_available"]
+__all__ = ["causal_conv1d_silu", "selective_scan", "selective_scan_ref", "selective_scan_torch",
+           "selective_state_update", "cuda_kernel_available"]

@@ -121,51 +121,84 @@ def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
                        initial_state)
 
 
-def _as_blnt(BC: Tensor) -> Tensor:
-    """(b, N, L) / (b, G, N, L) -> contiguous float32 (b, G, L, N): one step's N values contiguous."""
-    if BC.dim() == 3:
-        BC = BC.unsqueeze(1)
-    return BC.float().transpose(-1, -2).contiguous()
+def _step_major(BC: Tensor) -> Tensor:
+    """(b, N, L) / (b, G, N, L) -> float32 (b, G, N, L) whose N stride is 1 (one step's N values contiguous).
+    B and C sliced from x_proj's (b, L, N) output already are; other layouts are copied once."""
+    BC = (BC.unsqueeze(1) if BC.dim() == 3 else BC).float()
+    return BC if BC.stride(-2) == 1 else BC.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return like.new_empty(0) if t is None else t.float().contiguous()
-
-
-def _backward_workers(batch: int, groups: int, length: int, nstate: int, dim: int) -> int:
-    """Channel ranges for the backward: one per thread, capped so the private dB/dC buffers stay < ~256 MiB."""
-    per_worker = 2 * batch * groups * length * nstate * 4
-    return max(1, min(torch.get_num_threads(), dim, (256 << 20) // max(per_worker, 1)))
+    return like.new_empty(0) if t is None else t.float()
 
 
 class _SelectiveScanCPU(torch.autograd.Function):
-    """Autograd wrapper of the C++ kernel (delta already biased/softplus'ed, no z gate): it saves only the
-    inputs; the backward recomputes the states."""
+    """Autograd wrapper of the C++ kernel (delta already biased/softplus'ed; the z gate fused). It takes u, delta
+    and z in any strides (no copies for the model's (b, L, d) activations), saves only the inputs, and the
+    backward recomputes the states."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, h0):  # type: ignore[override]
+    def forward(ctx, u, delta, A, B, C, D, z, h0):  # type: ignore[override]
         ext = _cpu_extension.load()
-        tensors = (u.float().contiguous(), delta.float().contiguous(), A.float().contiguous(), _as_blnt(B),
-                   _as_blnt(C), _opt(D, u), _opt(h0, u))
+        tensors = (u.float(), delta.float(), A.float().contiguous(), _step_major(B), _step_major(C),
+                   _opt(D, u).contiguous(), _opt(z, u), _opt(h0, u).contiguous())
         out, last = ext.fwd(*tensors)
         ctx.save_for_backward(*tensors)
-        ctx.meta = (B.dim(), C.dim(), B.dtype, C.dtype, u.dtype, delta.dtype, A.dtype, D is not None)
+        ctx.meta = (B.dim(), C.dim(), B.dtype, C.dtype, u.dtype, delta.dtype, A.dtype, D is not None,
+                    None if z is None else z.dtype)
         ctx.mark_non_differentiable(last)
         return out.to(u.dtype), last
 
     @staticmethod
     def backward(ctx, dout, _dlast):  # type: ignore[override]
-        bdim, cdim, bdt, cdt, udt, ddt, adt, has_d = ctx.meta
-        u, delta, A, Bt, Ct, D, h0 = ctx.saved_tensors
-        workers = _backward_workers(u.shape[0], Bt.shape[1], u.shape[2], A.shape[1], u.shape[1])
-        du, ddelta, dA, dBt, dCt, dD = _cpu_extension.load().bwd(u, delta, A, Bt, Ct, D, h0, dout.float(), workers)
+        bdim, cdim, bdt, cdt, udt, ddt, adt, has_d, zdt = ctx.meta
+        tensors = ctx.saved_tensors
+        workers = _backward_workers(tensors[3])
+        du, ddelta, dA, dB, dC, dD, dz = _cpu_extension.load().bwd(*tensors, dout.float(), workers)
 
         def back(g: Tensor, ndim: int, dtype: torch.dtype) -> Tensor:
-            g = g.transpose(-1, -2)
+            g = g.transpose(-1, -2)                                   # (b, G, L, N) -> (b, G, N, L)
             return (g.squeeze(1) if ndim == 3 else g).to(dtype)
 
-        return (du.to(udt), ddelta.to(ddt), dA.to(adt), back(dBt, bdim, bdt), back(dCt, cdim, cdt),
-                dD if has_d else None, None)
+        return (du.to(udt), ddelta.to(ddt), dA.to(adt), back(dB, bdim, bdt), back(dC, cdim, cdt),
+                dD if has_d else None, None if zdt is None else dz.to(zdt), None)
+
+
+def _backward_workers(Bm: Tensor) -> int:
+    """Channel ranges for the backward: one per thread, capped so the private dB/dC buffers stay < ~256 MiB."""
+    per_worker = 2 * Bm.numel() * 4
+    return max(1, min(torch.get_num_threads(), (256 << 20) // max(per_worker, 1)))
+
+
+class _Conv1dSiLUCPU(torch.autograd.Function):
+    """Causal depthwise conv1d + SiLU on (b, L, d) activations (the C++ kernel), so the conv needs no transpose."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        xf = x.float() if x.stride(-1) == 1 else x.float().contiguous()
+        w = weight.float().reshape(weight.shape[0], -1).contiguous()
+        b = _opt(bias, x)
+        ctx.save_for_backward(xf, w, b)
+        ctx.meta = (x.dtype, weight.shape, weight.dtype, bias is not None)
+        return _cpu_extension.load().conv1d_silu_fwd(xf, w, b).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        xdt, wshape, wdt, has_bias = ctx.meta
+        dout = dout.float() if dout.stride(-1) == 1 else dout.float().contiguous()
+        dx, dw, db = _cpu_extension.load().conv1d_silu_bwd(*ctx.saved_tensors, dout)
+        return dx.to(xdt), dw.view(wshape).to(wdt), db if has_bias else None
+
+
+def causal_conv1d_silu(x: Tensor, conv: torch.nn.Conv1d) -> Tensor:
+    """silu(conv(x)) for a depthwise causal `conv` (padding d_conv - 1, output cut to L) on x: (b, L, d) -> (b, L, d).
+    A plain nn.Conv1d on the CPU that nothing hooks runs as one fused kernel in this layout (exactly the module's
+    computation); otherwise (CUDA, float64, a conv wrapped by an adapter or mask, a hook that observes or alters
+    the call) the module itself is called, through a transpose."""
+    plain = type(conv) is torch.nn.Conv1d and not (conv._forward_hooks or conv._forward_pre_hooks)
+    if plain and x.device.type == "cpu" and x.dtype != torch.float64 and _cpu_extension.available():
+        return _Conv1dSiLUCPU.apply(x, conv.weight, conv.bias)
+    return F.silu(conv(x.transpose(1, 2))[..., :x.shape[1]]).transpose(1, 2)
 
 
 class _SelectiveScanCUDA(torch.autograd.Function):
@@ -270,8 +303,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         return (out, last) if return_last_state else out
     if u.device.type == "cpu" and u.dtype != torch.float64 and _cpu_extension.available():
         delta = _prepare_delta(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
-        y, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, initial_state)
-        out = y if z is None else (y.float() * F.silu(z.float())).to(u.dtype)
+        out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, initial_state)
         return (out, last) if return_last_state else out
     return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                 initial_state=initial_state)
@@ -284,14 +316,12 @@ def selective_state_update(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B
     On the CPU it runs the C++ kernel for one step (which flushes denormal states that would make torch's
     elementwise ops ~100x slower once the state has decayed)."""
     if state.device.type == "cpu" and _cpu_extension.available():
-        y, new_state = _cpu_extension.load().fwd(u.float()[..., None].contiguous(), delta.float()[..., None].contiguous(),
-                                                 A.float().contiguous(), B.float()[:, None, None, :].contiguous(),
-                                                 C.float()[:, None, None, :].contiguous(), _opt(D, u),
+        y, new_state = _cpu_extension.load().fwd(u.float()[..., None], delta.float()[..., None], A.float().contiguous(),
+                                                 B.float()[:, None, :, None], C.float()[:, None, :, None],
+                                                 _opt(D, u).contiguous(),
+                                                 _opt(None if z is None else z[..., None], u),
                                                  state.float().contiguous())
-        y = y[..., 0]
-        if z is not None:
-            y = y * F.silu(z.float())
-        return y.to(u.dtype), new_state
+        return y[..., 0].to(u.dtype), new_state
     dt = delta.float()
     state = torch.exp(dt[..., None] * A.float()) * state + (dt * u.float())[..., None] * B.float()[:, None, :]
     y = (state * C.float()[:, None, :]).sum(-1)
@@ -302,5 +332,5 @@ def selective_state_update(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B
     return y.to(u.dtype), state
 
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "selective_state_update",
-           "cuda_kernel_available"]
+__all__ = ["causal_conv1d_silu", "selective_scan", "selective_scan_ref", "selective_scan_torch",
+           "selective_state_update", "cuda_kernel_available"]

@@ -38,12 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_mamba.pillars.common import D_INNER_SIDE, PROJECTIONS, base_layer
+from adaptive_mamba.pillars.path_search import (LayerStats, best_path, correlation, nearest_neighbour_path,
+                                                path_cost, two_opt)
 
 if TYPE_CHECKING:
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
-
-LayerStats = tuple[Tensor, Tensor, Tensor]   # (sum (d,), sum of outer products (d, d), count ()) in float64
-
 
 class ScanStatsCollector:
     """Streaming float64 statistics of the scan input u (B, d_inner, L) of every layer."""
@@ -96,83 +95,6 @@ class ScanStatsCollector:
                 outer.addmm_(x.T, x)
                 count.add_(x.shape[0])
         return hook
-
-
-def correlation(stats: LayerStats) -> np.ndarray:
-    """Pearson correlation matrix from (sum, sum of outer products, count); channels with zero variance get
-    correlation 0 with every other channel."""
-    s, outer, count = (t.detach().cpu().double().numpy() for t in stats)
-    n = float(count)
-    if n < 2:
-        raise ValueError(f"need statistics of at least 2 tokens to estimate correlations, got {n:.0f}: enable the "
-                         "collector and run forward passes first")
-    mean = s / n
-    cov = outer / n - np.outer(mean, mean)
-    std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-    live = std > 1e-12 * max(float(std.max()), 1e-300)
-    inv = np.where(live, 1.0 / np.where(live, std, 1.0), 0.0)
-    rho = np.clip(cov * inv[:, None] * inv[None, :], -1.0, 1.0)
-    np.fill_diagonal(rho, 1.0)
-    return rho
-
-
-def path_cost(cost: np.ndarray, order: Sequence[int]) -> float:
-    """Sum of cost[order[k], order[k+1]] over consecutive positions (an open path)."""
-    order = np.asarray(order)
-    return float(cost[order[:-1], order[1:]].sum())
-
-
-def nearest_neighbour_path(cost: np.ndarray, start: int) -> np.ndarray:
-    """Greedy path: from `start`, always step to the cheapest unvisited channel (ties: lowest index). O(d^2)."""
-    d = cost.shape[0]
-    visited = np.zeros(d, dtype=bool)
-    order = np.empty(d, dtype=np.int64)
-    order[0], visited[start] = start, True
-    for k in range(1, d):
-        row = np.where(visited, np.inf, cost[order[k - 1]])
-        order[k] = int(np.argmin(row))
-        visited[order[k]] = True
-    return order
-
-
-def two_opt(cost: np.ndarray, order: np.ndarray, max_passes: int = 50, eps: float = 1e-12) -> np.ndarray:
-    """Improve an open path by segment reversals until no reversal lowers its cost (or max_passes).
-
-    The open path is closed through a virtual node at zero cost from every channel, so reversing a prefix or
-    suffix (one changed edge) is the same move as reversing an inner segment (two changed edges)."""
-    d = len(order)
-    if d < 3:
-        return order.copy()
-    full = np.zeros((d + 1, d + 1))
-    full[:d, :d] = cost
-    tour = np.concatenate([[d], order])                       # virtual node d at position 0
-    n = d + 1
-    for _ in range(max_passes):
-        improved = False
-        for i in range(1, n - 1):
-            a, b = tour[i - 1], tour[i]
-            js = np.arange(i + 1, n)
-            c, e = tour[js], tour[(js + 1) % n]
-            delta = full[a, c] + full[b, e] - full[a, b] - full[c, e]
-            k = int(np.argmin(delta))
-            if delta[k] < -eps:
-                j = int(js[k])
-                tour[i:j + 1] = tour[i:j + 1][::-1].copy()
-                improved = True
-        if not improved:
-            break
-    pos = int(np.where(tour == d)[0][0])
-    return np.concatenate([tour[pos + 1:], tour[:pos]]).astype(np.int64)
-
-
-def best_path(cost: np.ndarray, n_starts: int = 8, max_passes: int = 50) -> tuple[np.ndarray, float, float]:
-    """Nearest-neighbour paths from n_starts evenly spaced channels, the cheapest improved by 2-opt.
-    Returns (order, greedy cost, cost after 2-opt)."""
-    d = cost.shape[0]
-    starts = sorted({int(round(k * d / n_starts)) % d for k in range(max(1, min(n_starts, d)))})
-    greedy = min((nearest_neighbour_path(cost, s) for s in starts), key=lambda o: path_cost(cost, o))
-    improved = two_opt(cost, greedy, max_passes)
-    return improved, path_cost(cost, greedy), path_cost(cost, improved)
 
 
 @dataclass

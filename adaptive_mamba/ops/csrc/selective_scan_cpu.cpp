@@ -1,19 +1,20 @@
-// Selective scan (Mamba-1) forward and backward for the CPU.
+// Selective scan (Mamba-1) and the causal depthwise conv + SiLU in front of it: forward and backward, CPU.
 //
-// Layouts (prepared by adaptive_mamba/ops/selective_scan.py):
-//   u, delta, out : (B, D, L) contiguous float32; delta already has its bias and softplus applied
-//   A             : (D, N)
-//   Bt, Ct        : (B, G, L, N)   -- B/C transposed so that one time step's N values are contiguous
-//   Dskip         : (D,)           -- empty tensor when absent
-//   h0            : (B, D, N)      -- empty when absent (zero initial state)
-// computing h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,  out_t = <h_t, C_t> + Dskip u_t.
-// The elementwise parts around it (delta bias + softplus, the silu(z) gate) are vectorised torch ops
-// in the Python wrapper, so this file holds only the sequential part.
+// Scan (layouts prepared by adaptive_mamba/ops/selective_scan.py):
+//   u, delta, z   : (B, D, L) float32, ANY strides -- (B, D, L) contiguous, or the (B, L, D) activations of the
+//                   model seen through a transpose: no copy or layout change is needed between conv, scan and gate
+//   A             : (D, N) contiguous; delta already has its bias and softplus applied
+//   Bm, Cm        : (B, G, N, L) with the N stride 1 (one step's N values contiguous), other strides free
+//   Dskip         : (D,)     -- empty tensor when absent
+//   z             : gate     -- empty tensor when absent
+//   h0            : (B, D, N) contiguous -- empty when absent (zero initial state)
+// computing h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,  y_t = <h_t, C_t> + Dskip u_t,  out_t = y_t silu(z_t).
 //
-// One (batch, channel) pair is one independent recurrence over L steps; pairs run in parallel.
-// The N-wide inner loops are written so the compiler vectorises them (one AVX-512 register for N = 16),
-// with a polynomial exp because exp dominates the cost. The backward recomputes the states of one
-// (batch, channel) pair into a thread-local (L, N) buffer instead of storing (B, D, L, N) in the forward.
+// Work unit: one batch row and a block of up to kK = 16 channels of one B/C group. At each step the kK channels
+// are updated together: the inner loops run over the block's channels (one AVX-512 register), with B_t / C_t
+// values broadcast, so no horizontal reduction is needed in the forward. exp dominates the cost, hence the
+// polynomial exp. The backward recomputes the states instead of storing (B, D, L, N) in the forward: once to
+// keep a state every kChunk steps, then chunk by chunk from the end, so its working set stays in cache.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -29,7 +30,9 @@
 
 namespace {
 
-// exp(x) for float, accurate to ~2 ulp on [-87, 88]; written branch-free so loops over it vectorise.
+constexpr int kK = 16;       // channels per block
+constexpr int kMaxN = 256;   // largest d_state
+
 // States decay towards zero; once they are denormal, x86 arithmetic on them is ~100x slower. Flush them to
 // zero (FTZ + DAZ) while a kernel runs on this thread, and restore the caller's mode afterwards.
 class FlushDenormals {
@@ -43,6 +46,7 @@ class FlushDenormals {
 #endif
 };
 
+// exp(x) for float, accurate to ~2 ulp on [-87, 88]; written branch-free so loops over it vectorise.
 inline float fast_exp(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float k = std::floor(x * 1.44269504088896341f + 0.5f);
@@ -60,191 +64,434 @@ inline float fast_exp(float x) {
   return e * scale;
 }
 
-struct Args {
-  int64_t batch, dim, len, nstate, groups;
-  const float *u, *delta, *A, *Bt, *Ct, *Dskip, *h0;
+inline float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+
+// A (B, D, L) float32 tensor of any strides.
+struct Strided {
+  float* p;
+  int64_t sb, sd, st;
+  float& at(int64_t b, int64_t d, int64_t t) const { return p[b * sb + d * sd + t * st]; }
 };
 
-Args make_args(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A,
-               const torch::Tensor& Bt, const torch::Tensor& Ct, const torch::Tensor& Dskip,
-               const torch::Tensor& h0) {
-  auto ptr = [](const torch::Tensor& t) -> const float* { return t.numel() ? t.data_ptr<float>() : nullptr; };
-  return Args{u.size(0), u.size(1), u.size(2), A.size(1), Bt.size(1),
-              ptr(u), ptr(delta), ptr(A), ptr(Bt), ptr(Ct), ptr(Dskip), ptr(h0)};
+Strided strided(const torch::Tensor& t) {
+  if (!t.numel()) return Strided{nullptr, 0, 0, 0};
+  return Strided{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// kN > 0: state size known at compile time (fully unrolled, vectorised); kN == 0: runtime size.
-template <int kN>
-void forward_pair(const Args& a, int64_t b, int64_t d, float* out, float* last) {
-  const int64_t N = kN > 0 ? kN : a.nstate, L = a.len;
-  const int64_t g = d / (a.dim / a.groups);
-  const int64_t row = (b * a.dim + d) * L;
-  const float* u = a.u + row;
-  const float* dl = a.delta + row;
-  const float* Bp = a.Bt + (b * a.groups + g) * L * N;
-  const float* Cp = a.Ct + (b * a.groups + g) * L * N;
-  const float* Ad = a.A + d * N;
-  const float skip = a.Dskip ? a.Dskip[d] : 0.0f;
-  float h[kN > 0 ? kN : 256];
-  for (int64_t n = 0; n < N; ++n) h[n] = a.h0 ? a.h0[(b * a.dim + d) * N + n] : 0.0f;
-  for (int64_t t = 0; t < L; ++t) {
-    const float dt = dl[t];
-    const float du = dt * u[t];
-    const float* Bt = Bp + t * N;
-    const float* Ct = Cp + t * N;
-    float y = 0.0f;
-#pragma omp simd reduction(+ : y)
-    for (int64_t n = 0; n < N; ++n) {
-      h[n] = fast_exp(dt * Ad[n]) * h[n] + du * Bt[n];
-      y += h[n] * Ct[n];
-    }
-    out[row + t] = y + skip * u[t];
+// B or C: (B, G, N, L) with the N stride 1.
+struct StepMajor {
+  const float* p;
+  int64_t sb, sg, st;
+  const float* step(int64_t b, int64_t g, int64_t t) const { return p + b * sb + g * sg + t * st; }
+};
+
+StepMajor step_major(const torch::Tensor& t) {
+  return StepMajor{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(3)};
+}
+
+struct Scan {
+  int64_t batch, dim, len, nstate, groups, per_group, blocks_per_group;
+  Strided u, delta, z;
+  StepMajor Bm, Cm;
+  const float *A, *Dskip, *h0;
+
+  int64_t blocks() const { return groups * blocks_per_group; }
+  // block -> (group, first channel, number of channels): blocks never straddle a B/C group
+  void block(int64_t i, int64_t& g, int64_t& d0, int64_t& nk) const {
+    g = i / blocks_per_group;
+    const int64_t j = i % blocks_per_group;
+    d0 = g * per_group + j * kK;
+    nk = std::min<int64_t>(kK, per_group - j * kK);
   }
-  for (int64_t n = 0; n < N; ++n) last[(b * a.dim + d) * N + n] = h[n];
+};
+
+Scan make_scan(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& Bm,
+               const torch::Tensor& Cm, const torch::Tensor& Dskip, const torch::Tensor& z, const torch::Tensor& h0) {
+  TORCH_CHECK(u.scalar_type() == torch::kFloat32 && delta.scalar_type() == torch::kFloat32,
+              "selective_scan_cpu expects float32 tensors");
+  TORCH_CHECK(A.size(1) <= kMaxN, "selective_scan_cpu supports d_state <= ", kMaxN, ", got ", A.size(1));
+  TORCH_CHECK(u.size(1) % Bm.size(1) == 0, "d_inner (", u.size(1), ") must be divisible by the number of B/C groups (",
+              Bm.size(1), ")");
+  TORCH_CHECK(Bm.stride(2) == 1 && Cm.stride(2) == 1, "selective_scan_cpu expects B and C with the N stride 1");
+  TORCH_CHECK(A.is_contiguous() && (!h0.numel() || h0.is_contiguous()), "A and h0 must be contiguous");
+  auto ptr = [](const torch::Tensor& t) -> const float* { return t.numel() ? t.data_ptr<float>() : nullptr; };
+  const int64_t per_group = u.size(1) / Bm.size(1);
+  return Scan{u.size(0), u.size(1), u.size(2), A.size(1), Bm.size(1), per_group, (per_group + kK - 1) / kK,
+              strided(u), strided(delta), strided(z), step_major(Bm), step_major(Cm), ptr(A), ptr(Dskip), ptr(h0)};
+}
+
+// Per block constants: A transposed to (N, kK) (zero in unused lanes), the skip and the initial state.
+struct Block {
+  int64_t b, g, d0, nk;
+  float A[kMaxN][kK], skip[kK], h0[kMaxN][kK];
+
+  Block(const Scan& s, int64_t b_, int64_t i) : b(b_) {
+    s.block(i, g, d0, nk);
+    for (int64_t n = 0; n < s.nstate; ++n)
+      for (int k = 0; k < kK; ++k) {
+        A[n][k] = k < nk ? s.A[(d0 + k) * s.nstate + n] : 0.0f;
+        h0[n][k] = (k < nk && s.h0) ? s.h0[((b * s.dim) + d0 + k) * s.nstate + n] : 0.0f;
+      }
+    for (int k = 0; k < kK; ++k) skip[k] = (k < nk && s.Dskip) ? s.Dskip[d0 + k] : 0.0f;
+  }
+};
+
+// Loads one step's values of the block's channels into lanes (zero in unused lanes), and stores them back.
+inline void gather(const Strided& v, const Block& blk, int64_t t, float* dst) {
+  const float* p = &v.at(blk.b, blk.d0, t);
+  if (v.sd == 1 && blk.nk == kK) {
+    std::memcpy(dst, p, sizeof(float) * kK);
+    return;
+  }
+  for (int k = 0; k < kK; ++k) dst[k] = k < blk.nk ? p[k * v.sd] : 0.0f;
+}
+
+inline void scatter(const Strided& v, const Block& blk, int64_t t, const float* src) {
+  float* p = &v.at(blk.b, blk.d0, t);
+  if (v.sd == 1 && blk.nk == kK) {
+    std::memcpy(p, src, sizeof(float) * kK);
+    return;
+  }
+  for (int64_t k = 0; k < blk.nk; ++k) p[k * v.sd] = src[k];
+}
+
+// One step of the recurrence for the block; y <- <h_t, C_t> per lane. Optionally stores h_t and exp(dt A).
+inline void step_states(const Block& blk, int64_t N, const float* dt, const float* uu, const float* Bt,
+                        const float* Ct, float (*h)[kK], float* y, float* store, float* decay_store) {
+  float du[kK], ex[kK];
+#pragma omp simd
+  for (int k = 0; k < kK; ++k) {
+    du[k] = dt[k] * uu[k];
+    y[k] = 0.0f;
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const float b = Bt[n], c = Ct[n];
+    float* hn = h[n];
+#pragma omp simd
+    for (int k = 0; k < kK; ++k) {
+      ex[k] = fast_exp(dt[k] * blk.A[n][k]);
+      hn[k] = ex[k] * hn[k] + du[k] * b;
+      y[k] += hn[k] * c;
+    }
+    if (store) std::memcpy(store + n * kK, hn, sizeof(float) * kK);
+    if (decay_store) std::memcpy(decay_store + n * kK, ex, sizeof(float) * kK);
+  }
+}
+
+// silu(z) per lane.
+inline void silu(const float* z, float* out) {
+#pragma omp simd
+  for (int k = 0; k < kK; ++k) out[k] = z[k] * sigmoid(z[k]);
+}
+
+void forward_block(const Scan& s, const Block& blk, const Strided& out, float* last) {
+  const int64_t N = s.nstate;
+  float h[kMaxN][kK], dt[kK], uu[kK], y[kK], gate[kK];
+  std::memcpy(h, blk.h0, sizeof(float) * kK * N);
+  for (int64_t t = 0; t < s.len; ++t) {
+    gather(s.delta, blk, t, dt);
+    gather(s.u, blk, t, uu);
+    step_states(blk, N, dt, uu, s.Bm.step(blk.b, blk.g, t), s.Cm.step(blk.b, blk.g, t), h, y, nullptr, nullptr);
+#pragma omp simd
+    for (int k = 0; k < kK; ++k) y[k] += blk.skip[k] * uu[k];
+    if (s.z.p) {
+      gather(s.z, blk, t, gate);
+      silu(gate, gate);
+#pragma omp simd
+      for (int k = 0; k < kK; ++k) y[k] *= gate[k];
+    }
+    scatter(out, blk, t, y);
+  }
+  for (int64_t k = 0; k < blk.nk; ++k)
+    for (int64_t n = 0; n < N; ++n) last[(blk.b * s.dim + blk.d0 + k) * N + n] = h[n][k];
 }
 
 struct Grads {
-  float *du, *ddelta;  // (B, D, L), written per pair
+  Strided du, ddelta, dz;
   float *dB, *dC;      // (B, G, L, N) partial sums of this worker
-  double *dA, *dD;     // (D, N), (D,) owned by the worker that owns channel d
+  double *dA, *dD;     // (D, N), (D,): a channel's rows are owned by the worker that owns its block
 };
 
-template <int kN>
-void backward_pair(const Args& a, const float* dout, int64_t b, int64_t d, std::vector<float>& hs, const Grads& gr) {
-  const int64_t N = kN > 0 ? kN : a.nstate, L = a.len;
-  const int64_t g = d / (a.dim / a.groups);
-  const int64_t row = (b * a.dim + d) * L;
-  const int64_t bg = (b * a.groups + g) * L * N;
-  const float* u = a.u + row;
-  const float* dl = a.delta + row;
-  const float* Bp = a.Bt + bg;
-  const float* Cp = a.Ct + bg;
-  const float* Ad = a.A + d * N;
-  const float skip = a.Dskip ? a.Dskip[d] : 0.0f;
+constexpr int64_t kChunk = 64;  // steps whose states the backward holds at once (stays in L1/L2)
 
-  // 1. Recompute the states h_t of this pair (the forward did not store them).
-  float h[kN > 0 ? kN : 256], h_init[kN > 0 ? kN : 256];
-  for (int64_t n = 0; n < N; ++n) h_init[n] = h[n] = a.h0 ? a.h0[(b * a.dim + d) * N + n] : 0.0f;
+// Per-thread buffers of the backward: a state every kChunk steps, then one chunk's states and decays.
+struct Scratch {
+  std::vector<float> checkpoints, hs, decays;
+  Scratch(int64_t len, int64_t nstate)
+      : checkpoints(((len + kChunk - 1) / kChunk) * nstate * kK), hs((kChunk + 1) * nstate * kK),
+        decays(kChunk * nstate * kK) {}
+};
+
+void backward_block(const Scan& s, const Block& blk, const Strided& dout, Scratch& sc, const Grads& gr) {
+  const int64_t N = s.nstate, L = s.len, b = blk.b;
+  const int64_t step = N * kK;
+  if (L == 0) return;
+  float h[kMaxN][kK], dt[kK], uu[kK], y[kK], g[kK], zz[kK];
+  // 1. Run the recurrence once, keeping the state at the start of every chunk; the gate's gradient needs y_t.
+  std::memcpy(h, blk.h0, sizeof(float) * step);
   for (int64_t t = 0; t < L; ++t) {
-    const float dt = dl[t];
-    const float du = dt * u[t];
-    float* ht = hs.data() + t * N;
+    if (t % kChunk == 0) std::memcpy(sc.checkpoints.data() + (t / kChunk) * step, h, sizeof(float) * step);
+    gather(s.delta, blk, t, dt);
+    gather(s.u, blk, t, uu);
+    step_states(blk, N, dt, uu, s.Bm.step(b, blk.g, t), s.Cm.step(b, blk.g, t), h, y, nullptr, nullptr);
+    if (s.z.p) {
+      gather(s.z, blk, t, zz);
+      gather(dout, blk, t, g);
 #pragma omp simd
-    for (int64_t n = 0; n < N; ++n) {
-      h[n] = fast_exp(dt * Ad[n]) * h[n] + du * Bp[t * N + n];
-      ht[n] = h[n];
+      for (int k = 0; k < kK; ++k) {
+        const float sg = sigmoid(zz[k]);
+        g[k] *= (y[k] + blk.skip[k] * uu[k]) * sg * (1.0f + zz[k] * (1.0f - sg));
+      }
+      scatter(gr.dz, blk, t, g);
     }
   }
 
-  // 2. Walk back in time carrying gs = dLoss/dh_t.
-  float gs[kN > 0 ? kN : 256], dA_acc[kN > 0 ? kN : 256];
-  for (int64_t n = 0; n < N; ++n) gs[n] = dA_acc[n] = 0.0f;
-  double dD_acc = 0.0;
-  for (int64_t t = L - 1; t >= 0; --t) {
-    const float dt = dl[t];
-    const float ut = u[t];
-    const float* ht = hs.data() + t * N;
-    const float* hprev = t > 0 ? hs.data() + (t - 1) * N : h_init;
-    const float* Bt = Bp + t * N;
-    const float* Ct = Cp + t * N;
-    const float dy = dout[row + t];
-    dD_acc += static_cast<double>(dy) * ut;
-    float du = dy * skip, ddt = 0.0f;
-    float* dBt = gr.dB + bg + t * N;
-    float* dCt = gr.dC + bg + t * N;
-#pragma omp simd reduction(+ : du, ddt)
-    for (int64_t n = 0; n < N; ++n) {
-      dCt[n] += dy * ht[n];
-      const float gn = gs[n] + dy * Ct[n];
-      const float decay = fast_exp(dt * Ad[n]);
-      const float dd = gn * hprev[n] * decay;  // dLoss/d(dt * A) through the decay
-      ddt += dd * Ad[n] + gn * Bt[n] * ut;
-      dA_acc[n] += dd * dt;
-      dBt[n] += gn * dt * ut;
-      du += gn * dt * Bt[n];
-      gs[n] = gn * decay;
+  // 2. Chunks from the last: recompute the chunk's states and decays, then walk back carrying gs = dLoss/dh_t.
+  float gs[kMaxN][kK], dA_acc[kMaxN][kK], dy[kK], du[kK], ddt[kK];
+  std::memset(gs, 0, sizeof(float) * step);
+  std::memset(dA_acc, 0, sizeof(float) * step);
+  double dD_acc[kK] = {0.0};
+  const int64_t bg = (b * s.groups + blk.g) * L * N;
+  for (int64_t t0 = ((L - 1) / kChunk) * kChunk; t0 >= 0; t0 -= kChunk) {
+    const int64_t t1 = std::min(L, t0 + kChunk);
+    std::memcpy(h, sc.checkpoints.data() + (t0 / kChunk) * step, sizeof(float) * step);
+    std::memcpy(sc.hs.data(), h, sizeof(float) * step);
+    for (int64_t t = t0; t < t1; ++t) {
+      gather(s.delta, blk, t, dt);
+      gather(s.u, blk, t, uu);
+      step_states(blk, N, dt, uu, s.Bm.step(b, blk.g, t), s.Cm.step(b, blk.g, t), h, y,
+                  sc.hs.data() + (t - t0 + 1) * step, sc.decays.data() + (t - t0) * step);
     }
-    gr.ddelta[row + t] = ddt;
-    gr.du[row + t] = du;
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      gather(s.delta, blk, t, dt);
+      gather(s.u, blk, t, uu);
+      gather(dout, blk, t, dy);
+      if (s.z.p) {
+        gather(s.z, blk, t, zz);
+        silu(zz, zz);
+#pragma omp simd
+        for (int k = 0; k < kK; ++k) dy[k] *= zz[k];
+      }
+      for (int k = 0; k < kK; ++k) {
+        du[k] = dy[k] * blk.skip[k];
+        ddt[k] = 0.0f;
+        dD_acc[k] += static_cast<double>(dy[k]) * uu[k];
+      }
+      const float* ht = sc.hs.data() + (t - t0 + 1) * step;
+      const float* hprev = sc.hs.data() + (t - t0) * step;
+      const float* dec = sc.decays.data() + (t - t0) * step;
+      const float* Bt = s.Bm.step(b, blk.g, t);
+      const float* Ct = s.Cm.step(b, blk.g, t);
+      float* dBt = gr.dB + bg + t * N;
+      float* dCt = gr.dC + bg + t * N;
+      for (int64_t n = 0; n < N; ++n) {
+        const float bn = Bt[n], cn = Ct[n];
+        const float* hn = ht + n * kK;
+        const float* hp = hprev + n * kK;
+        const float* en = dec + n * kK;
+        float sB = 0.0f, sC = 0.0f;
+#pragma omp simd reduction(+ : sB, sC)
+        for (int k = 0; k < kK; ++k) {
+          const float a = blk.A[n][k];
+          const float gn = gs[n][k] + dy[k] * cn;
+          const float dd = gn * hp[k] * en[k];  // dLoss/d(dt * A) through the decay
+          ddt[k] += dd * a + gn * bn * uu[k];
+          dA_acc[n][k] += dd * dt[k];
+          sB += gn * dt[k] * uu[k];
+          sC += dy[k] * hn[k];
+          du[k] += gn * dt[k] * bn;
+          gs[n][k] = gn * en[k];
+        }
+        dBt[n] += sB;
+        dCt[n] += sC;
+      }
+      scatter(gr.ddelta, blk, t, ddt);
+      scatter(gr.du, blk, t, du);
+    }
   }
-  for (int64_t n = 0; n < N; ++n) gr.dA[d * N + n] += dA_acc[n];
-  gr.dD[d] += dD_acc;
-}
-
-template <typename Fn>
-void dispatch_nstate(int64_t n, Fn&& fn) {
-  switch (n) {
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 8: fn(std::integral_constant<int, 8>{}); break;
-    case 16: fn(std::integral_constant<int, 16>{}); break;
-    case 32: fn(std::integral_constant<int, 32>{}); break;
-    case 64: fn(std::integral_constant<int, 64>{}); break;
-    default: fn(std::integral_constant<int, 0>{}); break;
+  for (int64_t k = 0; k < blk.nk; ++k) {
+    for (int64_t n = 0; n < N; ++n) gr.dA[(blk.d0 + k) * N + n] += dA_acc[n][k];
+    gr.dD[blk.d0 + k] += dD_acc[k];
   }
-}
-
-void check_inputs(const torch::Tensor& u, const torch::Tensor& A, const torch::Tensor& Bt) {
-  TORCH_CHECK(u.scalar_type() == torch::kFloat32, "selective_scan_cpu expects float32 tensors");
-  TORCH_CHECK(A.size(1) <= 256, "selective_scan_cpu supports d_state <= 256, got ", A.size(1));
-  TORCH_CHECK(u.size(1) % Bt.size(1) == 0, "d_inner (", u.size(1), ") must be divisible by the number of B/C groups (", Bt.size(1), ")");
 }
 
 }  // namespace
 
-std::vector<torch::Tensor> selective_scan_fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bt,
-                                              torch::Tensor Ct, torch::Tensor Dskip, torch::Tensor h0) {
-  check_inputs(u, A, Bt);
-  const Args a = make_args(u, delta, A, Bt, Ct, Dskip, h0);
+// Returns out (strides of u) and the last state (B, D, N).
+std::vector<torch::Tensor> selective_scan_fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
+                                              torch::Tensor Cm, torch::Tensor Dskip, torch::Tensor z, torch::Tensor h0) {
+  const Scan s = make_scan(u, delta, A, Bm, Cm, Dskip, z, h0);
   auto out = torch::empty_like(u);
-  auto last = torch::empty({a.batch, a.dim, a.nstate}, u.options());
-  float* o = out.data_ptr<float>();
+  auto last = torch::empty({s.batch, s.dim, s.nstate}, u.options());
+  const Strided o = strided(out);
   float* l = last.data_ptr<float>();
-  dispatch_nstate(a.nstate, [&](auto kn) {
-    at::parallel_for(0, a.batch * a.dim, 1, [&](int64_t begin, int64_t end) {
-      FlushDenormals ftz;
-      for (int64_t i = begin; i < end; ++i) forward_pair<decltype(kn)::value>(a, i / a.dim, i % a.dim, o, l);
-    });
+  at::parallel_for(0, s.batch * s.blocks(), 1, [&](int64_t begin, int64_t end) {
+    FlushDenormals ftz;
+    for (int64_t i = begin; i < end; ++i) forward_block(s, Block(s, i / s.blocks(), i % s.blocks()), o, l);
   });
   return {out, last};
 }
 
-// Returns du, ddelta, dA, dBt, dCt, dD (float32; dD empty when Dskip was absent).
-// `workers` splits the channels into that many contiguous ranges; each range owns a private (B, G, L, N)
+// Returns du, ddelta, dA, dB, dC, dD, dz (float32; dB/dC as (B, G, L, N); dD / dz empty when absent).
+// `workers` splits the channel blocks into that many contiguous ranges; each range owns a private (B, G, L, N)
 // accumulator for dB and dC (channels of one group share B and C), summed at the end.
-std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bt,
-                                              torch::Tensor Ct, torch::Tensor Dskip, torch::Tensor h0,
+std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
+                                              torch::Tensor Cm, torch::Tensor Dskip, torch::Tensor z, torch::Tensor h0,
                                               torch::Tensor dout, int64_t workers) {
-  check_inputs(u, A, Bt);
-  const Args a = make_args(u, delta, A, Bt, Ct, Dskip, h0);
-  workers = std::max<int64_t>(1, std::min<int64_t>(workers, a.dim));
+  const Scan s = make_scan(u, delta, A, Bm, Cm, Dskip, z, h0);
+  TORCH_CHECK(dout.scalar_type() == torch::kFloat32, "selective_scan_cpu expects a float32 gradient");
+  workers = std::max<int64_t>(1, std::min<int64_t>(workers, s.blocks()));
   auto du = torch::empty_like(u);
-  auto ddelta = torch::empty_like(u);
-  auto dB_parts = torch::zeros({workers, a.batch, a.groups, a.len, a.nstate}, u.options());
-  auto dC_parts = torch::zeros({workers, a.batch, a.groups, a.len, a.nstate}, u.options());
+  auto ddelta = torch::empty_like(delta);
+  // like u (not z): z is often a non-dense slice, and dz then joins du-shaped gradients in a (B, L, D) cat
+  auto dz = z.numel() ? torch::empty_like(u) : torch::empty({0}, u.options());
+  auto dB_parts = torch::zeros({workers, s.batch, s.groups, s.len, s.nstate}, u.options());
+  auto dC_parts = torch::zeros({workers, s.batch, s.groups, s.len, s.nstate}, u.options());
   auto f64 = u.options().dtype(torch::kFloat64);
-  auto dA = torch::zeros({a.dim, a.nstate}, f64);
-  auto dD = torch::zeros({a.dim}, f64);
-  dout = dout.contiguous();
-  const float* go = dout.data_ptr<float>();
-  const int64_t part = a.batch * a.groups * a.len * a.nstate;
-  dispatch_nstate(a.nstate, [&](auto kn) {
-    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-      FlushDenormals ftz;
-      std::vector<float> hs(a.len * a.nstate);
-      for (int64_t w = begin; w < end; ++w) {
-        const Grads gr{du.data_ptr<float>(), ddelta.data_ptr<float>(), dB_parts.data_ptr<float>() + w * part,
-                       dC_parts.data_ptr<float>() + w * part, dA.data_ptr<double>(), dD.data_ptr<double>()};
-        const int64_t d0 = w * a.dim / workers, d1 = (w + 1) * a.dim / workers;
-        for (int64_t b = 0; b < a.batch; ++b)
-          for (int64_t d = d0; d < d1; ++d) backward_pair<decltype(kn)::value>(a, go, b, d, hs, gr);
-      }
-    });
+  auto dA = torch::zeros({s.dim, s.nstate}, f64);
+  auto dD = torch::zeros({s.dim}, f64);
+  const Strided go = strided(dout);
+  const int64_t part = s.batch * s.groups * s.len * s.nstate;
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    FlushDenormals ftz;
+    Scratch scratch(s.len, s.nstate);
+    for (int64_t w = begin; w < end; ++w) {
+      const Grads gr{strided(du), strided(ddelta), strided(dz), dB_parts.data_ptr<float>() + w * part,
+                     dC_parts.data_ptr<float>() + w * part, dA.data_ptr<double>(), dD.data_ptr<double>()};
+      const int64_t i0 = w * s.blocks() / workers, i1 = (w + 1) * s.blocks() / workers;
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t b = 0; b < s.batch; ++b) backward_block(s, Block(s, b, i), go, scratch, gr);
+    }
   });
   return {du, ddelta, dA.to(torch::kFloat32), dB_parts.sum(0), dC_parts.sum(0),
-          a.Dskip ? dD.to(torch::kFloat32) : torch::empty({0}, u.options())};
+          s.Dskip ? dD.to(torch::kFloat32) : torch::empty({0}, u.options()), dz};
+}
+
+// ------------------------------------------------------------------------------------------------------------
+namespace {
+
+constexpr int64_t kConvChunk = 64;  // channels per parallel work item
+constexpr int64_t kMaxConv = 16;    // longest filter
+
+struct Rows {  // (B, L, D) with the channel stride 1
+  float* p;
+  int64_t sb, st;
+  float* row(int64_t b, int64_t t) const { return p + b * sb + t * st; }
+};
+
+Rows rows(const torch::Tensor& t) { return Rows{t.data_ptr<float>(), t.stride(0), t.stride(1)}; }
+
+// One chunk of channels [d0, d1): its filter taps transposed to (K, chunk) so the inner loops are contiguous.
+struct ConvChunk {
+  int64_t d0, n, K;
+  float w[kMaxConv][kConvChunk], bias[kConvChunk];
+
+  ConvChunk(const torch::Tensor& weight, const torch::Tensor& b, int64_t c) : d0(c * kConvChunk), K(weight.size(1)) {
+    n = std::min(kConvChunk, weight.size(0) - d0);
+    const float* wp = weight.data_ptr<float>();
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < n; ++j) w[k][j] = wp[(d0 + j) * K + k];
+    for (int64_t j = 0; j < n; ++j) bias[j] = b.numel() ? b.data_ptr<float>()[d0 + j] : 0.0f;
+  }
+
+  // pre = bias + sum_k w[k] x[t - (K - 1) + k] at one step (zero padding before t = 0).
+  void pre(const Rows& x, int64_t b, int64_t t, float* out) const {
+    std::memcpy(out, bias, sizeof(float) * n);
+    for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
+      const float* xr = x.row(b, t - (K - 1) + k) + d0;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] += w[k][j] * xr[j];
+    }
+  }
+};
+
+void check_conv(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.stride(2) == 1, "conv1d_silu expects float32 (B, L, D) input "
+              "with the channel stride 1");
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(0) == x.size(2), "conv1d_silu expects a contiguous (D, K) "
+              "weight");
+  TORCH_CHECK(w.size(1) <= kMaxConv, "conv1d_silu supports d_conv <= ", kMaxConv, ", got ", w.size(1));
+}
+
+int64_t conv_chunks(const torch::Tensor& w) { return (w.size(0) + kConvChunk - 1) / kConvChunk; }
+
+}  // namespace
+
+// Causal depthwise conv1d + SiLU on (B, L, D) activations (the channel stride 1, other strides free), the layout
+// in_proj produces: out[b, t, d] = silu(bias[d] + sum_k w[d, k] x[b, t - (K - 1) + k, d]). The inner loops run
+// over contiguous channels; parallel over channel chunks (each owns its weight gradients).
+torch::Tensor conv1d_silu_fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
+  check_conv(x, w);
+  const int64_t B = x.size(0), L = x.size(1);
+  auto out = torch::empty({B, L, x.size(2)}, x.options());
+  const Rows xr = rows(x), o = rows(out);
+  at::parallel_for(0, conv_chunks(w), 1, [&](int64_t begin, int64_t end) {
+    float pre[kConvChunk];
+    for (int64_t c = begin; c < end; ++c) {
+      const ConvChunk ch(w, bias, c);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < L; ++t) {
+          ch.pre(xr, b, t, pre);
+          float* orow = o.row(b, t) + ch.d0;
+#pragma omp simd
+          for (int64_t j = 0; j < ch.n; ++j) orow[j] = pre[j] * sigmoid(pre[j]);
+        }
+    }
+  });
+  return out;
+}
+
+// Returns dx (B, L, D) contiguous, dw (D, K), dbias (D,) (empty when bias is).
+std::vector<torch::Tensor> conv1d_silu_bwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor dout) {
+  check_conv(x, w);
+  TORCH_CHECK(dout.scalar_type() == torch::kFloat32 && dout.stride(2) == 1, "conv1d_silu expects a float32 gradient "
+              "with the channel stride 1");
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = w.size(1);
+  auto dx = torch::zeros({B, L, D}, x.options());
+  auto dw = torch::zeros({D, K}, x.options().dtype(torch::kFloat64));
+  auto db = torch::zeros({D}, x.options().dtype(torch::kFloat64));
+  const Rows xr = rows(x), g = rows(dout), dxr = rows(dx);
+  at::parallel_for(0, conv_chunks(w), 1, [&](int64_t begin, int64_t end) {
+    float gp[kConvChunk];
+    for (int64_t c = begin; c < end; ++c) {
+      const ConvChunk ch(w, bias, c);
+      for (int64_t b = 0; b < B; ++b) {
+        float dwl[kMaxConv][kConvChunk] = {{0.0f}}, dbl[kConvChunk] = {0.0f};  // this row's sums, then to double
+        for (int64_t t = 0; t < L; ++t) {
+          ch.pre(xr, b, t, gp);
+          const float* grow = g.row(b, t) + ch.d0;
+#pragma omp simd
+          for (int64_t j = 0; j < ch.n; ++j) {  // dLoss/dpre = dout * silu'(pre)
+            const float sg = sigmoid(gp[j]);
+            gp[j] = grow[j] * sg * (1.0f + gp[j] * (1.0f - sg));
+            dbl[j] += gp[j];
+          }
+          for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
+            const int64_t ts = t - (K - 1) + k;
+            const float* xrow = xr.row(b, ts) + ch.d0;
+            float* dxrow = dxr.row(b, ts) + ch.d0;
+#pragma omp simd
+            for (int64_t j = 0; j < ch.n; ++j) {
+              dxrow[j] += ch.w[k][j] * gp[j];
+              dwl[k][j] += gp[j] * xrow[j];
+            }
+          }
+        }
+        double* dwp = dw.data_ptr<double>();
+        double* dbp = db.data_ptr<double>();
+        for (int64_t j = 0; j < ch.n; ++j) {
+          for (int64_t k = 0; k < K; ++k) dwp[(ch.d0 + j) * K + k] += dwl[k][j];
+          dbp[ch.d0 + j] += dbl[j];
+        }
+      }
+    }
+  });
+  return {dx, dw.to(torch::kFloat32), bias.numel() ? db.to(torch::kFloat32) : torch::empty({0}, x.options())};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &selective_scan_fwd, "selective scan forward (CPU)");
   m.def("bwd", &selective_scan_bwd, "selective scan backward (CPU, recomputes states)");
+  m.def("conv1d_silu_fwd", &conv1d_silu_fwd, "causal depthwise conv1d + SiLU forward on (B, L, D) (CPU)");
+  m.def("conv1d_silu_bwd", &conv1d_silu_bwd, "causal depthwise conv1d + SiLU backward on (B, L, D) (CPU)");
 }
