@@ -14,6 +14,7 @@ from adaptive_mamba.context_parallel import context_parallel_groups, context_par
 from adaptive_mamba.pillars import ScanStatsCollector
 from adaptive_mamba.training.distributed import free_port
 from test_chunked import batch, pillared_model
+from test_train_runs import data_dir  # noqa: F401  (fixture: real shards)
 
 
 def _worker(rank: int, world: int, port: int, length: int) -> None:
@@ -63,3 +64,42 @@ def test_two_ranks_equal_one_rank_holding_the_whole_sequence(length: int) -> Non
 def test_piece_bounds_cover_the_sequence_contiguously() -> None:
     assert piece_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
     assert piece_bounds(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
+@pytest.mark.slow
+def test_training_runs_chunked_and_context_parallel_match_one_pass(tmp_path, data_dir) -> None:
+    """Real runs through launch/train.py (DeepSpeed ZeRO-2, all pillars, a scan-order refresh): chunks on one rank
+    and a context-parallel group of 2 ranks give the losses and gradient norms of one pass on one rank."""
+    from test_train_runs import TINY, metrics, train
+
+    common = [f"data_dir={data_dir}", "deepspeed_config=ds_configs/zero2_fp32.json", "max_steps=3",
+              "scan_update_frequency=2", *TINY]
+    runs = {"plain": (1, []), "chunked": (1, ["chunk_len=40"]), "cp": (2, ["context_parallel=2"])}
+    logs = {}
+    for name, (nproc, extra) in runs.items():
+        logs[name] = train(nproc, [f"output_dir={tmp_path / name}", *common, *extra]).stdout
+        assert "scan order refreshed at step 2" in logs[name]
+    assert "in chunks of 40" in logs["chunked"] and "split over 2 context-parallel ranks" in logs["cp"]
+    ref = metrics(tmp_path / "plain")
+    for name in ("chunked", "cp"):
+        got = metrics(tmp_path / name)
+        assert sorted(got) == [1, 2, 3]
+        for step, row in ref.items():
+            assert abs(got[step]["loss"] - row["loss"]) < 1e-5 * max(1.0, abs(row["loss"])), (name, step)
+            assert abs(got[step]["grad_norm"] - row["grad_norm"]) < 1e-4 * max(1.0, row["grad_norm"]), (name, step)
+
+
+def test_document_mode_hands_out_each_whole_document_once(data_dir) -> None:
+    from adaptive_mamba.data import TokenShards, WindowSampler
+
+    shards = TokenShards(data_dir, "train")
+    longest = int(shards.doc_lengths.max()) + 1
+    sampler = WindowSampler(shards, longest, batch_size=1, mode="document", seed=3)
+    seen = []
+    for step in range(sampler.steps_per_epoch(0)):
+        ids = sampler.batch_at(step, 0)["input_ids"][0]
+        doc = int(sampler.layout(0).doc_order[sampler.window_ids_at(step, 0)[0]])
+        assert len(ids) == int(shards.doc_lengths[doc]) + 1 and int(ids[-1]) == shards.eos_id   # unpadded, EOS
+        assert ids[:-1].tolist() == shards.doc(doc, 0, len(ids) - 1).tolist()
+        seen.append(doc)
+    assert sorted(seen) == list(range(len(shards)))

@@ -36,7 +36,8 @@ class TrainConfig:
     data_source: Optional[str] = None       # build shards from this source (stdlib | folder:PATH | hf:NAME)
     tokenizer: str = "sentencepiece:8192"   # tokenizer spec for building shards
     data_max_mb: Optional[float] = None     # cap on the source text when building shards
-    packing: str = "pack"                   # pack: concatenate documents; pad: one document per window
+    packing: str = "pack"                   # pack: concatenate documents; pad: one document per window;
+                                            # document: whole documents (cut at seq_len), unpadded: a book is one sequence
     val_fraction: float = 0.05
 
     # --- optimisation
@@ -58,6 +59,10 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"                 # fp32 | bf16
     deepspeed_config: str = "ds_configs/zero2.json"
+
+    # --- long sequences (adaptive_mamba/chunked.py, adaptive_mamba/context_parallel.py)
+    chunk_len: int = 0                      # > 0: run each sequence chunk_len tokens at a time, state carried, exact
+    context_parallel: int = 1               # ranks sharing one sequence (contiguous pieces); divides the world size
 
     # --- pillar 1: scan order
     scan_order: bool = True
@@ -118,17 +123,21 @@ class TrainConfig:
             "peft_application_ratio": 0.0 <= self.peft_application_ratio <= 1.0,
             "masking_tau": self.masking_tau > 0 and self.masking_tau_final > 0,
             "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0, "log_every": self.log_every >= 1,
+            "chunk_len": self.chunk_len >= 0, "context_parallel": self.context_parallel >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError("invalid TrainConfig value(s): " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
         choices = {"precision": ("fp32", "bf16"), "lr_schedule": ("cosine", "constant"),
-                   "packing": ("pack", "pad"), "mask_granularity": ("structured", "unstructured"),
+                   "packing": ("pack", "pad", "document"), "mask_granularity": ("structured", "unstructured"),
                    "nan_policy": ("error",), "wandb_mode": ("auto", "online", "offline", "disabled"),
                    "gradient_checkpointing": (True, False, "auto")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if self.chunk_len and self.context_parallel > 1:
+            raise ValueError("chunk_len and context_parallel > 1 cannot be combined: each rank runs its whole piece "
+                             "in one pass; set chunk_len=0, or context_parallel=1 to chunk on one rank")
         if self.peft and not self.masking:
             raise ValueError("peft=true needs masking=true: pillar 3 ranks modules by their mask logits")
         if self.data_dir is None and self.data_source is None:

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_mamba.checkpoint_io import load_config
+from adaptive_mamba.chunked import chunked_lm_loss
+from adaptive_mamba.context_parallel import context_parallel_groups, context_parallel_loss
 from adaptive_mamba.data import TokenShards
 from adaptive_mamba.model import AdaptiveMambaForCausalLM
 from adaptive_mamba.training import checkpointing as ckpt
@@ -41,13 +43,30 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
+def whole_sequence_loss(model: AdaptiveMambaForCausalLM, input_ids: Tensor, labels: Tensor) -> Tensor:
+    return model(input_ids, labels=labels, return_logits=False).loss
+
+
+def sequence_loss(cfg: TrainConfig, cp_group: Any = None) -> Callable[[AdaptiveMambaForCausalLM, Tensor, Tensor], Tensor]:
+    """The cross-entropy of a batch: in one pass, in chunks of chunk_len (exact), or this rank's piece under
+    context parallelism, scaled by its size because DeepSpeed averages gradients over all ranks."""
+    if cfg.context_parallel > 1:
+        return lambda model, ids, labels: context_parallel_loss(model, ids, labels, cp_group) * cfg.context_parallel
+    if cfg.chunk_len:
+        return lambda model, ids, labels: (chunked_lm_loss(model, ids, labels, cfg.chunk_len)
+                                           if ids.shape[1] > cfg.chunk_len else whole_sequence_loss(model, ids, labels))
+    return whole_sequence_loss
+
+
 class TrainingObjective(nn.Module):
     """model + the pillars' regulariser in one forward, so ZeRO-3 gathers every parameter it touches."""
 
-    def __init__(self, model: AdaptiveMambaForCausalLM, regularizer: Callable[[nn.Module], Tensor]) -> None:
+    def __init__(self, model: AdaptiveMambaForCausalLM, regularizer: Callable[[nn.Module], Tensor],
+                 loss: Callable[[AdaptiveMambaForCausalLM, Tensor, Tensor], Tensor] = whole_sequence_loss) -> None:
         super().__init__()
         self.model = model
         self._regularizer = regularizer
+        self._loss = loss
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
         for name, p in model.named_parameters():   # read by the regulariser outside their module's forward
@@ -56,8 +75,7 @@ class TrainingObjective(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(cross-entropy, regulariser) of one batch; the logits are never materialised."""
-        ce = self.model(input_ids, labels=labels, return_logits=False).loss
-        return ce, self._regularizer(self.model)
+        return self._loss(self.model, input_ids, labels), self._regularizer(self.model)
 
 
 @dataclass
@@ -119,6 +137,12 @@ class Trainer:
         self.resume_from = ckpt.resolve_resume(cfg.resume, self.output_dir)
         resume_state = ckpt.verify_checkpoint(self.resume_from) if self.resume_from is not None else None
         self.ds_config = load_ds_config(cfg, ctx.world_size)
+        if cfg.chunk_len and zero_stage(self.ds_config) == 3:
+            raise ValueError("chunk_len needs ZeRO stage 0-2 (its backward returns whole-parameter gradients; ZeRO-3 "
+                             "partitions them): use ds_configs/zero2.json, or chunk_len=0")
+        self.cp_group, self.dp_rank = None, ctx.rank
+        if cfg.context_parallel > 1:
+            self.cp_group, self.dp_rank, _ = context_parallel_groups(cfg.context_parallel)
         data_dir = prepare_shards(cfg, ctx)
         self.train_shards = TokenShards(data_dir, "train")
         self.val_shards = TokenShards(data_dir, "val")
@@ -127,7 +151,7 @@ class Trainer:
         self.micro_per_epoch = self.sampler.steps_per_epoch(0)
         steps_per_epoch = self.micro_per_epoch // cfg.grad_accum_steps
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * steps_per_epoch
-        self.tokens_per_step = ctx.world_size * cfg.batch_size * cfg.grad_accum_steps * cfg.seq_len
+        self.tokens_per_step = ctx.world_size // cfg.context_parallel * cfg.batch_size * cfg.grad_accum_steps * cfg.seq_len
 
         self.pillars = PillarController(cfg, ctx, self.total_steps)
         if resume_state is not None:
@@ -142,7 +166,7 @@ class Trainer:
         if resume_state is not None:
             self._load(self.resume_from, resume_state)
         else:
-            torch.manual_seed(cfg.seed + 1000 * ctx.rank)   # mask noise differs per rank, like data
+            torch.manual_seed(cfg.seed + 1000 * self.dp_rank)   # mask noise differs per sequence, like data
         self.monitor = Monitor(ctx.is_main, self.output_dir, self.total_steps, self.step, self.wandb_mode,
                                cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict(), cfg.progress_bar)
         self._metrics_file = self.output_dir / "metrics.jsonl"
@@ -152,7 +176,9 @@ class Trainer:
             f"model {mode}: d_model={self.model_config.d_model} n_layer={self.model_config.n_layer} "
             f"vocab={self.model_config.vocab_size}, {self._param_count(model, False):,} parameters; "
             f"{ctx.world_size} rank(s) on {self.device.type}, ZeRO-{zero_stage(self.ds_config)}, {cfg.precision}, "
-            f"seq_len {cfg.seq_len}, activation checkpointing {'on' if self.model_config.gradient_checkpointing else 'off'}, "
+            f"seq_len {cfg.seq_len}" + (f" in chunks of {cfg.chunk_len}" if cfg.chunk_len else "")
+            + (f" split over {cfg.context_parallel} context-parallel ranks" if cfg.context_parallel > 1 else "")
+            + f", activation checkpointing {'on' if self.model_config.gradient_checkpointing else 'off'}, "
             f"{self.total_steps} steps of {self.tokens_per_step:,} tokens"
             + (f"; resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""))
 
@@ -185,7 +211,7 @@ class Trainer:
         """(Re)create the DeepSpeed engine and optimizer around `model` (at setup, and after the pillars changed
         which parameters train)."""
         model.to(self.device)
-        objective = TrainingObjective(model, self.pillars.regularizer)
+        objective = TrainingObjective(model, self.pillars.regularizer, sequence_loss(self.cfg, self.cp_group))
         if self.engine is not None:
             self.engine.destroy()
             self.engine = None
@@ -231,8 +257,8 @@ class Trainer:
                 self._fail_non_finite(float(loss.detach()))
             self.engine.backward(loss)
             self.engine.step()
-            sums += torch.tensor([float(ce.detach()), float(reg.detach()),
-                                  float((batch["labels"][:, 1:] != -100).sum()), 0.0], dtype=torch.float64)
+            tokens = float((batch["labels"][:, 1:] != -100).sum()) / cfg.context_parallel   # a group shares a batch
+            sums += torch.tensor([float(ce.detach()), float(reg.detach()), tokens, 0.0], dtype=torch.float64)
         self.step += 1
         sums = all_reduce_sum([sums])[0]
         n = cfg.grad_accum_steps * self.ctx.world_size
