@@ -39,15 +39,15 @@ IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------------------ state algebra
+def _rematerialised(fn, *args):
+    """fn(*args), keeping only its inputs for backward (recomputed there) when a graph is being built."""
+    return checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
+
+
 def _blocked(fn, length: int, block: int, *args: Tensor) -> list[Tensor]:
     """fn(slice, *args) for consecutive slices of the time axis, each rematerialised in backward, so the
     (B, d, block, N) intermediates of one block are the only ones alive."""
-    grad = torch.is_grad_enabled()
-    out = []
-    for s in range(0, length, block):
-        sl = slice(s, s + block)
-        out.append(checkpoint(fn, sl, *args, use_reentrant=False) if grad else fn(sl, *args))
-    return out
+    return [_rematerialised(fn, slice(s, s + block), *args) for s in range(0, length, block)]
 
 
 def _zero_start_last_state(sl: slice, suffix: Tensor, A: Tensor, du: Tensor, B: Tensor) -> Tensor:
@@ -75,6 +75,16 @@ def initial_state_output(dt: Tensor, A: Tensor, C: Tensor, z: Tensor, h0: Tensor
     return y * F.silu(z.float())
 
 
+# The mixer's state algebra from the raw delta, rematerialised as a whole: in backward it keeps only tensors the
+# mixer holds anyway (delta, u, B, C, z), not its (B, d_inner, L) float32 intermediates.
+def _state_terms_of(delta: Tensor, A: Tensor, u: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    return state_terms(F.softplus(delta.float()), A, u, B)
+
+
+def _initial_state_output_of(delta: Tensor, A: Tensor, C: Tensor, z: Tensor, h0: Tensor) -> Tensor:
+    return initial_state_output(F.softplus(delta.float()), A, C, z, h0)
+
+
 # ----------------------------------------------------------------------------------------- mixer step
 class Boundary:
     """Where a mixer's incoming conv tail and SSM state come from, and what happens to its outgoing ones."""
@@ -100,9 +110,8 @@ def mixer_forward(mixer: MambaMixer, hidden: Tensor, boundary: Boundary) -> Tens
     A = -torch.exp(mixer.A_log.float())
     B, C = B.transpose(1, 2), C.transpose(1, 2)
     y = selective_scan(u, delta, A, B, C, mixer.D.float(), z, delta_softplus=True)
-    dt = F.softplus(delta.float())
-    h0 = boundary.initial_state(mixer, *state_terms(dt, A, u, B))
-    y = (y.float() + initial_state_output(dt, A, C, z, h0)).to(y.dtype)
+    h0 = boundary.initial_state(mixer, *_rematerialised(_state_terms_of, delta, A, u, B))
+    y = (y.float() + _rematerialised(_initial_state_output_of, delta, A, C, z, h0)).to(y.dtype)
     return mixer.out_proj(y.transpose(1, 2).to(hidden.dtype))
 
 
