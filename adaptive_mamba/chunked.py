@@ -50,12 +50,19 @@ def _blocked(fn, length: int, block: int, *args: Tensor) -> list[Tensor]:
     return [_rematerialised(fn, slice(s, s + block), *args) for s in range(0, length, block)]
 
 
+def _decay(log_decay: Tensor) -> Tensor:
+    """exp(log_decay) with the exponent floored at -60: factors below e^-60 (~1e-26) would otherwise end as
+    denormal floats, on which the CPU's elementwise ops run ~100x slower; the change is far below float32
+    resolution of any output they feed."""
+    return torch.exp(log_decay.clamp(min=-60.0))
+
+
 def _zero_start_last_state(sl: slice, suffix: Tensor, A: Tensor, du: Tensor, B: Tensor) -> Tensor:
-    return torch.einsum("bdtn,bdt,bnt->bdn", torch.exp(suffix[..., sl, None] * A[:, None]), du[..., sl], B[..., sl])
+    return torch.einsum("bdtn,bdt,bnt->bdn", _decay(suffix[..., sl, None] * A[:, None]), du[..., sl], B[..., sl])
 
 
 def _initial_state_output(sl: slice, cum: Tensor, A: Tensor, h0: Tensor, C: Tensor) -> Tensor:
-    return torch.einsum("bdtn,bdn,bnt->bdt", torch.exp(cum[..., sl, None] * A[:, None]), h0, C[..., sl])
+    return torch.einsum("bdtn,bdn,bnt->bdt", _decay(cum[..., sl, None] * A[:, None]), h0, C[..., sl])
 
 
 def state_terms(dt: Tensor, A: Tensor, u: Tensor, B: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
@@ -65,7 +72,7 @@ def state_terms(dt: Tensor, A: Tensor, u: Tensor, B: Tensor, block: int = 256) -
     incl = torch.flip(torch.cumsum(torch.flip(dt, [-1]), -1), [-1])            # sum_{s>=t}, accurate near the end
     suffix = torch.cat([incl[..., 1:], torch.zeros_like(incl[..., :1])], -1)   # sum_{s>t}
     parts = _blocked(_zero_start_last_state, length, block, suffix, A, dt * u.float(), B.float())
-    return torch.stack(parts).sum(0), torch.exp(incl[..., :1] * A)
+    return torch.stack(parts).sum(0), _decay(incl[..., :1] * A)
 
 
 def initial_state_output(dt: Tensor, A: Tensor, C: Tensor, z: Tensor, h0: Tensor, block: int = 256) -> Tensor:
