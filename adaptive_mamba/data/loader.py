@@ -6,6 +6,9 @@ An epoch is laid out from (seed, epoch) alone:
      into windows of `seq_len` (the last one padded);
      ``mode="pad"``: each document plus its EOS is cut into windows of `seq_len` on its own, the
      last window of each document padded, so no window mixes documents;
+     ``mode="document"``: windows as in "pad", but unpadded: a document of up to `seq_len` tokens is
+     one sequence of its own length (whole books as single sequences); rows of a batch are padded
+     to the longest row;
   3. the windows are shuffled, and step `k` gives rank `r` the windows
      ``order[k * G + i * world_size + r]`` for i < batch_size, with G = world_size * batch_size.
 
@@ -43,8 +46,8 @@ class WindowSampler:
     def __init__(self, shards: TokenShards, seq_len: int, batch_size: int = 1, rank: int = 0,
                  world_size: int = 1, seed: int = 0, mode: str = "pack", shuffle: bool = True,
                  drop_last: bool = False) -> None:
-        if mode not in ("pack", "pad"):
-            raise ValueError(f"mode must be 'pack' or 'pad', got {mode!r}")
+        if mode not in ("pack", "pad", "document"):
+            raise ValueError(f"mode must be 'pack', 'pad' or 'document', got {mode!r}")
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1 (got {seq_len}, {batch_size})")
         if not 0 <= rank < world_size:
@@ -98,7 +101,7 @@ class WindowSampler:
         """Token ids of one window (length <= seq_len; shorter only at the end of the data)."""
         lay = self.layout(epoch)
         L = self.seq_len
-        if self.mode == "pad":
+        if self.mode != "pack":
             d = int(np.searchsorted(lay.cum, window_id, side="right") - 1)
             j = window_id - int(lay.cum[d])
             return self._doc_piece(int(lay.doc_order[d]), j * L, (j + 1) * L)
@@ -128,12 +131,13 @@ class WindowSampler:
     def batch_at(self, step: int, epoch: int | None = None) -> dict[str, torch.Tensor]:
         """This rank's batch at `step` of `epoch`; a pure function of (seed, epoch, step, rank)."""
         epoch = self.epoch if epoch is None else epoch
-        input_ids = np.full((self.batch_size, self.seq_len), self.pad_id, dtype=np.int64)
-        labels = np.full((self.batch_size, self.seq_len), IGNORE_INDEX, dtype=np.int64)
-        for row, w in enumerate(self.window_ids_at(step, epoch)):
-            if w is None:
+        rows = [None if w is None else self.window(w, epoch) for w in self.window_ids_at(step, epoch)]
+        width = self.seq_len if self.mode != "document" else max((len(t) for t in rows if t is not None), default=2)
+        input_ids = np.full((self.batch_size, width), self.pad_id, dtype=np.int64)
+        labels = np.full((self.batch_size, width), IGNORE_INDEX, dtype=np.int64)
+        for row, tokens in enumerate(rows):
+            if tokens is None:
                 continue
-            tokens = self.window(w, epoch)
             input_ids[row, :len(tokens)] = tokens
             labels[row, :len(tokens)] = tokens
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}

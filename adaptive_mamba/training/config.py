@@ -36,7 +36,8 @@ class TrainConfig:
     data_source: Optional[str] = None       # build shards from this source (stdlib | folder:PATH | hf:NAME)
     tokenizer: str = "sentencepiece:8192"   # tokenizer spec for building shards
     data_max_mb: Optional[float] = None     # cap on the source text when building shards
-    packing: str = "pack"                   # pack: concatenate documents; pad: one document per window
+    packing: str = "pack"                   # pack: concatenate documents; pad: one document per window;
+                                            # document: whole documents (cut at seq_len), unpadded: a book is one sequence
     val_fraction: float = 0.05
 
     # --- optimisation
@@ -59,6 +60,10 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"                 # fp32 | bf16
     deepspeed_config: str = "ds_configs/zero2.json"
+
+    # --- long sequences (adaptive_mamba/chunked.py, adaptive_mamba/context_parallel.py)
+    chunk_len: int = 0                      # > 0: run each sequence chunk_len tokens at a time, state carried, exact
+    context_parallel: int = 1               # ranks sharing one sequence (contiguous pieces); divides the world size
 
     # --- pillar 1: scan order
     scan_order: bool = True
@@ -123,7 +128,7 @@ class TrainConfig:
             if not ok(value):
                 raise ConfigValueError(key, value, f"must be {rule}")
         choices = {"precision": ("fp32", "bf16"), "lr_schedule": ("cosine", "constant"),
-                   "packing": ("pack", "pad"), "mask_granularity": ("structured", "unstructured", "channel"),
+                   "packing": ("pack", "pad", "document"), "mask_granularity": ("structured", "unstructured", "channel"),
                    "peft_mode": ("hybrid", "lora", "ia3", "full"), "importance_source": ("saliency", "activations", "random"),
                    "nan_policy": ("error",), "wandb_mode": ("auto", "online", "offline", "disabled"),
                    "gradient_checkpointing": (True, False, "auto")}
@@ -140,6 +145,9 @@ class TrainConfig:
         if self.peft and self.peft_mode == "full" and self.freeze_base:
             raise ValueError("peft_mode=full trains every weight: drop freeze_base=true (or pick peft_mode "
                              "hybrid/lora/ia3)")
+        if self.chunk_len and self.context_parallel > 1:
+            raise ValueError("chunk_len and context_parallel > 1 cannot be combined: each rank runs its whole piece "
+                             "in one pass; set chunk_len=0, or context_parallel=1 to chunk on one rank")
         if self.data_dir is None and self.data_source is None:
             raise ValueError("set data_dir (shards built by `python -m data_prep`) or data_source "
                              "(e.g. data_source=stdlib) so the run has data")
@@ -217,6 +225,7 @@ _NUMERIC_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "mask_block_size": _at_least(1), "masking_tau": _above(0), "masking_tau_final": _above(0),
     "target_sparsity": _between(0, 1, True), "sparsity_weight": _at_least(0), "importance_threshold": _between(0, 1),
     "peft_application_ratio": _between(0, 1), "peft_r": _at_least(1), "peft_alpha": _above(0),
+    "chunk_len": _at_least(0), "context_parallel": _at_least(1),
     "peft_reallocation_frequency": _at_least(0), "peft_start_step": _at_least(0), "eval_every": _at_least(0),
     "eval_batches": _at_least(1), "save_every": _at_least(0), "keep_last": _at_least(1), "log_every": _at_least(1),
 }

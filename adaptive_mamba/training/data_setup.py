@@ -75,7 +75,8 @@ def check_tokenizer(shards: TokenShards, cfg: TrainConfig, resume_from: Optional
 
 
 def make_sampler(shards: TokenShards, cfg: TrainConfig, ctx: DistContext, train: bool) -> WindowSampler:
-    """This rank's window sampler. Training drops the last incomplete step (no padding-only rows)."""
+    """This rank's window sampler. Training drops the last incomplete step (no padding-only rows). With
+    context_parallel = P, the P ranks of a context-parallel group (consecutive ranks) read the same sequences."""
     if cfg.packing == "pad" and train:
         longest = int(shards.doc_lengths.max()) + 1
         if cfg.seq_len > longest:
@@ -83,11 +84,15 @@ def make_sampler(shards: TokenShards, cfg: TrainConfig, ctx: DistContext, train:
                              f"({longest} tokens with EOS) and packing=pad puts one document per window, so every "
                              f"window would be mostly padding. Use packing=pack (documents concatenated) or "
                              f"seq_len <= {longest}")
-    sampler = WindowSampler(shards, cfg.seq_len, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, cfg.packing,
-                            shuffle=train, drop_last=train)
+    if ctx.world_size % cfg.context_parallel:
+        raise ValueError(f"context_parallel={cfg.context_parallel} must divide the number of ranks ({ctx.world_size}): "
+                         "set it to a divisor or launch a multiple of it")
+    cp = cfg.context_parallel
+    sampler = WindowSampler(shards, cfg.seq_len, cfg.batch_size, ctx.rank // cp, ctx.world_size // cp, cfg.seed,
+                            cfg.packing, shuffle=train, drop_last=train)
     if train and sampler.steps_per_epoch(0) < cfg.grad_accum_steps:
         raise ValueError(f"the training split of {shards.path} has {sampler.layout(0).n_windows} windows of "
-                         f"{cfg.seq_len} tokens: fewer than one optimizer step needs (world_size {ctx.world_size} x "
+                         f"{cfg.seq_len} tokens: fewer than one optimizer step needs (data-parallel ranks {ctx.world_size // cp} x "
                          f"batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps}). Use more data, a "
                          "shorter seq_len or a smaller batch")
     return sampler

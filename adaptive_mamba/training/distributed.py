@@ -147,3 +147,32 @@ def shutdown() -> None:
         barrier()
         dist.destroy_process_group()
     _side_group = None
+
+
+# --------------------------------------------------------------- context-parallel groups (compute-device tensors)
+def context_parallel_groups(cp_size: int) -> tuple[Any, int, int]:
+    """Create the context-parallel groups (consecutive blocks of `cp_size` ranks, on the default backend; collective:
+    every rank calls it) and return (this rank's group, its data-parallel rank, the data-parallel world size)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if cp_size < 1 or world % cp_size:
+        raise ValueError(f"context_parallel={cp_size} must divide the number of ranks ({world}): use a divisor of "
+                         f"{world} or launch a multiple of {cp_size} ranks")
+    mine = None
+    for g in range(world // cp_size):
+        group = dist.new_group(list(range(g * cp_size, (g + 1) * cp_size)))
+        if g == rank // cp_size:
+            mine = group
+    return mine, rank // cp_size, world // cp_size
+
+
+def group_rank_and_size(group: Any) -> tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_gather_tensor(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """(size, *t.shape): every rank's `t` on `group` (float32 on the wire, back in t's dtype, on t's device: the
+    context-parallel groups use the default backend, whose device the activations are on)."""
+    send = t.detach().float().contiguous()
+    out = [torch.empty_like(send) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, send, group=group)
+    return torch.stack(out).to(t.dtype)

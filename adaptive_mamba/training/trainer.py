@@ -25,13 +25,16 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_mamba.checkpoint_io import load_config
+from adaptive_mamba.chunked import chunked_lm_loss
+from adaptive_mamba.context_parallel import context_parallel_loss
 from adaptive_mamba.data import TokenShards
 from adaptive_mamba.model import AdaptiveMambaForCausalLM
 from adaptive_mamba.training import checkpointing as ckpt
 from adaptive_mamba.training.adaptation import PillarController
 from adaptive_mamba.training.config import TrainConfig
 from adaptive_mamba.training.data_setup import check_tokenizer, make_sampler, prepare_shards
-from adaptive_mamba.training.distributed import DistContext, all_gather_object, all_reduce_sum, any_rank, barrier
+from adaptive_mamba.training.distributed import (DistContext, all_gather_object, all_reduce_sum, any_rank, barrier,
+                                                 context_parallel_groups)
 from adaptive_mamba.training.engine import (build_engine, full_state_dict, load_ds_config, load_optimizer_state,
                                             optimizer_state, zero_stage)
 from adaptive_mamba.training.monitoring import Monitor, peak_memory_mb, resume_history
@@ -43,13 +46,30 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
+def whole_sequence_loss(model: AdaptiveMambaForCausalLM, input_ids: Tensor, labels: Tensor) -> Tensor:
+    return model(input_ids, labels=labels, return_logits=False).loss
+
+
+def sequence_loss(cfg: TrainConfig, cp_group: Any = None) -> Callable[[AdaptiveMambaForCausalLM, Tensor, Tensor], Tensor]:
+    """The cross-entropy of a batch: in one pass, in chunks of chunk_len (exact), or this rank's piece under
+    context parallelism, scaled by its size because DeepSpeed averages gradients over all ranks."""
+    if cfg.context_parallel > 1:
+        return lambda model, ids, labels: context_parallel_loss(model, ids, labels, cp_group) * cfg.context_parallel
+    if cfg.chunk_len:
+        return lambda model, ids, labels: (chunked_lm_loss(model, ids, labels, cfg.chunk_len)
+                                           if ids.shape[1] > cfg.chunk_len else whole_sequence_loss(model, ids, labels))
+    return whole_sequence_loss
+
+
 class TrainingObjective(nn.Module):
     """model + the pillars' regulariser in one forward, so ZeRO-3 gathers every parameter it touches."""
 
-    def __init__(self, model: AdaptiveMambaForCausalLM, regularizer: Callable[[nn.Module], Tensor]) -> None:
+    def __init__(self, model: AdaptiveMambaForCausalLM, regularizer: Callable[[nn.Module], Tensor],
+                 loss: Callable[[AdaptiveMambaForCausalLM, Tensor, Tensor], Tensor] = whole_sequence_loss) -> None:
         super().__init__()
         self.model = model
         self._regularizer = regularizer
+        self._loss = loss
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
         for name, p in model.named_parameters():   # read by the regulariser outside their module's forward
@@ -58,8 +78,7 @@ class TrainingObjective(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(cross-entropy, regulariser) of one batch; the logits are never materialised."""
-        ce = self.model(input_ids, labels=labels, return_logits=False).loss
-        return ce, self._regularizer(self.model)
+        return self._loss(self.model, input_ids, labels), self._regularizer(self.model)
 
 
 @dataclass
@@ -127,6 +146,12 @@ class Trainer:
         self.resume_from = ckpt.resolve_resume(cfg.resume, self.output_dir)
         resume_state = ckpt.verify_checkpoint(self.resume_from) if self.resume_from is not None else None
         self.ds_config = load_ds_config(cfg, ctx.world_size)
+        if cfg.chunk_len and zero_stage(self.ds_config) == 3:
+            raise ValueError("chunk_len needs ZeRO stage 0-2 (its backward returns whole-parameter gradients; ZeRO-3 "
+                             "partitions them): use ds_configs/zero2.json, or chunk_len=0")
+        self.cp_group, self.dp_rank = None, ctx.rank
+        if cfg.context_parallel > 1:
+            self.cp_group, self.dp_rank, _ = context_parallel_groups(cfg.context_parallel)
         data_dir = prepare_shards(cfg, ctx)
         self.train_shards = TokenShards(data_dir, "train")
         self.val_shards = TokenShards(data_dir, "val")
@@ -136,7 +161,7 @@ class Trainer:
         self.micro_per_epoch = self.sampler.steps_per_epoch(0)
         steps_per_epoch = self.micro_per_epoch // cfg.grad_accum_steps
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * steps_per_epoch
-        self.tokens_per_step = ctx.world_size * cfg.batch_size * cfg.grad_accum_steps * cfg.seq_len
+        self.tokens_per_step = ctx.world_size // cfg.context_parallel * cfg.batch_size * cfg.grad_accum_steps * cfg.seq_len
 
         self.pillars = PillarController(cfg, ctx, self.total_steps)
         if resume_state is not None:
@@ -153,7 +178,7 @@ class Trainer:
         if resume_state is not None:
             self._load(self.resume_from, resume_state)
         else:
-            torch.manual_seed(cfg.seed + 1000 * ctx.rank)   # mask noise differs per rank, like data
+            torch.manual_seed(cfg.seed + 1000 * self.dp_rank)   # mask noise differs per sequence, like data
         self.monitor = Monitor(ctx.is_main, self.output_dir, self.total_steps, self.step, self.wandb_mode,
                                cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict(), cfg.progress_bar)
         self._metrics_file = self.output_dir / "metrics.jsonl"
@@ -171,7 +196,9 @@ class Trainer:
             f"model {mode}: d_model={self.model_config.d_model} n_layer={self.model_config.n_layer} "
             f"vocab={self.model_config.vocab_size}, {self._param_count(model, False):,} parameters; "
             f"{ctx.world_size} rank(s) on {self.device.type}, ZeRO-{zero_stage(self.ds_config)}, {cfg.precision}, "
-            f"seq_len {cfg.seq_len}, activation checkpointing {'on' if self.model_config.gradient_checkpointing else 'off'}, "
+            f"seq_len {cfg.seq_len}" + (f" in chunks of {cfg.chunk_len}" if cfg.chunk_len else "")
+            + (f" split over {cfg.context_parallel} context-parallel ranks" if cfg.context_parallel > 1 else "")
+            + f", activation checkpointing {'on' if self.model_config.gradient_checkpointing else 'off'}, "
             f"{self.total_steps} steps of {self.tokens_per_step:,} tokens"
             + (f"; resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""))
 
@@ -205,7 +232,7 @@ class Trainer:
         which parameters train). A rebuild carries the Adam moments and group steps of every parameter that
         survives it from the old optimizer to the new one."""
         model.to(self.device)
-        objective = TrainingObjective(model, self.pillars.regularizer)
+        objective = TrainingObjective(model, self.pillars.regularizer, sequence_loss(self.cfg, self.cp_group))
         carried = None
         if self.engine is not None:
             carried = optimizer_state(self.engine)
@@ -266,8 +293,8 @@ class Trainer:
             if j == cfg.grad_accum_steps - 1 and zero_stage(self.ds_config) == 0:
                 own_norm = _grad_norm(self.module)    # DeepSpeed reports no norm for a plain torch optimizer
             self.engine.step()
-            sums += torch.tensor([float(ce.detach()), float(reg.detach()),
-                                  float((batch["labels"][:, 1:] != -100).sum()), 0.0], dtype=torch.float64)
+            tokens = float((batch["labels"][:, 1:] != -100).sum()) / cfg.context_parallel   # a group shares a batch
+            sums += torch.tensor([float(ce.detach()), float(reg.detach()), tokens, 0.0], dtype=torch.float64)
         self.step += 1
         sums = all_reduce_sum([sums])[0]
         n = cfg.grad_accum_steps * self.ctx.world_size
@@ -283,7 +310,7 @@ class Trainer:
         (seed, step, slot) alone, so evaluation, reports and refreshes between steps never shift it, at any ZeRO
         stage and across a resume. The slot rank * grad_accum_steps + micro names the micro-batch's place in the
         step's global batch: 2 ranks draw what 1 process with twice the accumulation draws."""
-        slot = self.ctx.rank * self.cfg.grad_accum_steps + micro
+        slot = self.dp_rank * self.cfg.grad_accum_steps + micro     # context-parallel ranks share a sequence
         digest = hashlib.sha256(f"mask-noise/{self.cfg.seed}/{self.step}/{slot}".encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 1
 
