@@ -50,7 +50,7 @@ def main() -> None:
 
     n = len(programs)
     print(f"{n} canonical programs, {args.workers} workers, load {os.getloadavg()[0]:.1f}")
-    print(f"| runner | passed | s/program | ratio |\n| --- | --- | --- | --- |")
+    print("| runner | passed | s/program | ratio |\n| --- | --- | --- | --- |")
     print(f"| unconfined python | {plain_ok}/{n} | {plain / n:.3f} | 1.00 |")
     print(f"| bubblewrap sandbox | {ours_ok}/{n} | {ours / n:.3f} | {ours / plain:.2f} |")
 
