@@ -149,7 +149,9 @@ def pillar_model(size: dict[str, Any], pillars: bool, checkpointing: bool) -> tu
     base = lambda: AdaptiveMambaForCausalLM(cfg.model_config(size["vocab"]))   # noqa: E731
     if pillars:
         masked = ctl.build_structure(base())
-        ctl.allocation = decide_allocation(module_importance(masked, ctl.peft_cfg), ctl.peft_cfg, step=0).to_dict()
+        ids = torch.randint(0, size["vocab"], (1, 256))           # a throughput check: importance from any batch
+        importance = module_importance(masked, ctl.peft_cfg, [(ids, ids)])
+        ctl.allocation = decide_allocation(importance, ctl.peft_cfg, step=0).to_dict()
     model = ctl.build_structure(base())
     ctl.attach(model)
     return model, ctl.regularizer

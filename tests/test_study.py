@@ -99,7 +99,8 @@ def test_artefacts_hold_every_run_and_metric(study: dict) -> None:
     assert arms["all"]["trainable_params"]["mean"] < arms["base"]["trainable_params"]["mean"]
     matched = [r for r in result["runs"] if r["arm"] == "lora_matched"]
     assert all(isinstance(r["overrides"]["peft_r"], int) and r["notes"]["matched_budget"] > 0 for r in matched)
-    assert {"finetune/masks", "finetune/synergy", "finetune/scan_alone"} <= set(result["effects"])
+    assert {"finetune/masks", "finetune/all_vs_base", "finetune/scan_alone", "finetune/all_vs_lora_matched"} <= \
+        set(result["effects"])
     assert {c["claim"] for c in result["claims"]} >= {"85-95% fewer trainable parameters", "30-70% sparsity"}
     report = (out / "RESEARCH_REPORT.md").read_text()
     assert "## Claims" in report and "## Effects (finetune)" in report
