@@ -55,7 +55,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -156,12 +156,14 @@ def _mask_of(model: "AdaptiveMambaForCausalLM", name: str, module: nn.Module) ->
 
 
 def module_importance(model: "AdaptiveMambaForCausalLM", cfg: HybridPeftConfig,
-                      batches: Iterable[tuple[Tensor, Tensor]] = (), step: int = 0) -> dict[str, float]:
+                      batches: Iterable[tuple[Tensor, Tensor]] = (), step: int = 0,
+                      reduce_grads: Optional[Callable[[list[Tensor]], list[Tensor]]] = None) -> dict[str, float]:
     """Importance of every adaptable module, in model order (see the module docstring). "saliency" needs
-    `batches` of (input_ids, labels); "random" (the study's control at the same budget) depends only on
-    (seed, step, module name), so every rank draws the same values."""
+    `batches` of (input_ids, labels) (and `reduce_grads`, e.g. a mean over ranks, makes it the saliency of the
+    global batch); "random" (the study's control at the same budget) depends only on (seed, step, module name),
+    so every rank draws the same values."""
     if cfg.importance_source == "saliency":
-        return gradient_saliency(model, batches, cfg.target_modules)
+        return gradient_saliency(model, batches, cfg.target_modules, reduce_grads)
     if cfg.importance_source == "random":
         return {name: float(torch.rand((), generator=_seeded_generator(cfg, step, name)))
                 for name, _, _, _ in iter_projections(model, cfg.target_modules)}
@@ -169,10 +171,12 @@ def module_importance(model: "AdaptiveMambaForCausalLM", cfg: HybridPeftConfig,
 
 
 def gradient_saliency(model: "AdaptiveMambaForCausalLM", batches: Iterable[tuple[Tensor, Tensor]],
-                      targets: tuple[str, ...]) -> dict[str, float]:
-    """mean |W * dL/dW| of each target projection's base weight, the loss averaged over `batches`, computed on the
-    evaluation-mode model (hard masks: dropped weights get no gradient). Leaves requires_grad and the training mode
-    as they were and clears every .grad."""
+                      targets: tuple[str, ...],
+                      reduce_grads: Optional[Callable[[list[Tensor]], list[Tensor]]] = None) -> dict[str, float]:
+    """mean |W * dL/dW| of each target projection's base weight, the loss averaged over `batches` (and the gradients
+    through `reduce_grads`, e.g. averaged over ranks, so that 2 ranks score what 1 process with both batches does),
+    computed on the evaluation-mode model (hard masks: dropped weights get no gradient). Leaves requires_grad and the
+    training mode as they were and clears every .grad."""
     batches = list(batches)
     if not batches:
         raise ValueError("importance_source='saliency' needs at least one batch of (input_ids, labels)")
@@ -187,8 +191,11 @@ def gradient_saliency(model: "AdaptiveMambaForCausalLM", batches: Iterable[tuple
         with torch.enable_grad():
             for input_ids, labels in batches:
                 (model(input_ids, labels=labels, return_logits=False).loss / len(batches)).backward()
-        return {name: 0.0 if w.grad is None else float((w.detach().float() * w.grad.float()).abs().mean())
-                for name, w in weights.items()}
+        grads = [torch.zeros_like(w, dtype=torch.float32) if w.grad is None else w.grad.float()
+                 for w in weights.values()]
+        if reduce_grads is not None:
+            grads = reduce_grads(grads)
+        return {name: float((w.detach().float() * g).abs().mean()) for (name, w), g in zip(weights.items(), grads)}
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])

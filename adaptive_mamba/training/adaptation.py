@@ -171,7 +171,7 @@ class PillarController:
 
     def _reallocate(self, trainer: "Trainer", step: int, events: dict[str, Any]) -> None:
         model = trainer.full_model().to(trainer.device)                    # collective: gathers every rank
-        self._allocate(model, [trainer.upcoming_batch()], step, events)
+        self._allocate(model, trainer.upcoming_batches(), step, events)
         trainer.rebuild_engine(model)                 # under ZeRO-3 this partitions `model`'s parameters
 
     def _allocate(self, model: AdaptiveMambaForCausalLM, batches: list[tuple[Tensor, Tensor]], step: int,
@@ -180,7 +180,9 @@ class PillarController:
         device = model.embedding.weight.device
         batches = [(ids[:, :SALIENCY_MAX_TOKENS].to(device), labels[:, :SALIENCY_MAX_TOKENS].to(device))
                    for ids, labels in batches]
-        importance = module_importance(model, self.peft_cfg, batches, step)
+        world = self.ctx.world_size
+        importance = module_importance(model, self.peft_cfg, batches, step,
+                                       reduce_grads=lambda grads: [g / world for g in all_reduce_sum(grads)])
         names = list(importance)                                           # model order: the same on every rank
         values = all_reduce_sum([torch.tensor([importance[n] for n in names], dtype=torch.float64)])[0]
         importance = {n: float(v) / self.ctx.world_size for n, v in zip(names, values)}

@@ -173,7 +173,7 @@ class Trainer:
         self.model_config = self._model_config()
         model = self._fresh_model().to(self.device)
         self.step = 0
-        initial = self.pillars.initial_allocation(model, [self.upcoming_batch()]) if resume_state is None else None
+        initial = self.pillars.initial_allocation(model, self.upcoming_batches()) if resume_state is None else None
         self.rebuild_engine(model)
         if resume_state is not None:
             self._load(self.resume_from, resume_state)
@@ -260,12 +260,15 @@ class Trainer:
         self.sampler.epoch, self.sampler.step = epoch, step + 1
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def upcoming_batch(self) -> tuple[Tensor, Tensor]:
-        """(input_ids, labels) on CPU of this rank's next training micro-batch, without advancing the data (pillar 3
-        computes gradient saliency on it)."""
-        epoch, step = divmod(self.step * self.cfg.grad_accum_steps, self.micro_per_epoch)
-        batch = self.sampler.batch_at(step, epoch)
-        return batch["input_ids"], batch["labels"]
+    def upcoming_batches(self) -> list[tuple[Tensor, Tensor]]:
+        """(input_ids, labels) on CPU of this rank's micro-batches of the next optimizer step, without advancing the
+        data (pillar 3 computes gradient saliency on the step's global batch: these, on every rank)."""
+        out = []
+        for j in range(self.cfg.grad_accum_steps):
+            epoch, step = divmod(self.step * self.cfg.grad_accum_steps + j, self.micro_per_epoch)
+            batch = self.sampler.batch_at(step, epoch)
+            out.append((batch["input_ids"], batch["labels"]))
+        return out
 
     def _set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
