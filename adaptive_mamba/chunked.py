@@ -24,6 +24,7 @@ statistics) see every token exactly once, in the forward, and are silenced while
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -93,16 +94,16 @@ def _initial_state_output_of(delta: Tensor, A: Tensor, C: Tensor, z: Tensor, h0:
 
 
 # ----------------------------------------------------------------------------------------- mixer step
-class Boundary:
+class Boundary(ABC):
     """Where a mixer's incoming conv tail and SSM state come from, and what happens to its outgoing ones."""
 
+    @abstractmethod
     def conv_tail(self, mixer: MambaMixer, x: Tensor) -> Tensor:
         """The d_conv - 1 conv inputs before this piece, given this piece's conv input x (B, d_inner, L)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def initial_state(self, mixer: MambaMixer, last_from_zero: Tensor, decay: Tensor) -> Tensor:
         """The SSM state before this piece, given this piece's final state from zero and its total decay."""
-        raise NotImplementedError
 
 
 def mixer_forward(mixer: MambaMixer, hidden: Tensor, boundary: Boundary) -> Tensor:
