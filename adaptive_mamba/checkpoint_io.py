@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from adaptive_mamba.config import AdaptiveMambaConfig
 
-if TYPE_CHECKING:
-    from adaptive_mamba.model import AdaptiveMambaForCausalLM
+Model = TypeVar("Model", bound=nn.Module)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -31,9 +31,10 @@ class CheckpointError(ValueError):
     """A model directory that cannot be loaded; the message says what is wrong and how to fix it."""
 
 
-def save_model(model: "AdaptiveMambaForCausalLM", directory: str | Path,
+def save_model(model: nn.Module, directory: str | Path,
                state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
-    """`state_dict` (default model.state_dict()) lets a caller save the base weights of a wrapped model (pillars)."""
+    """Write `model.config` and its weights (a model with an AdaptiveMambaConfig `config`). `state_dict` (default
+    model.state_dict()) lets a caller save the base weights of a wrapped model (pillars)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
@@ -175,8 +176,10 @@ def load_config(directory: str | Path) -> tuple[AdaptiveMambaConfig, str]:
     return config, fmt
 
 
-def load_model(cls: type["AdaptiveMambaForCausalLM"], directory: str | Path, dtype: Optional[torch.dtype] = None,
-               device: str | torch.device = "cpu") -> "AdaptiveMambaForCausalLM":
+def load_model(cls: Callable[[AdaptiveMambaConfig], Model], directory: str | Path,
+               dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu") -> Model:
+    """`cls(config)` (the model class, passed in: this module sits below the model) with the weights of
+    `directory`, in any of the three formats."""
     directory = Path(directory)
     config, fmt = load_config(directory)
     state = read_weights(directory)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from adaptive_mamba.checkpoint_io import load_model, save_model
 from adaptive_mamba.config import AdaptiveMambaConfig
 from adaptive_mamba.ops import causal_conv1d_silu, selective_scan, selective_state_update
 
@@ -219,27 +220,39 @@ class AdaptiveMambaForCausalLM(nn.Module):
 
     # ----------------------------------------------------------------------------------- generation
     @torch.no_grad()
+    def stream(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+               vocab_size: Optional[int] = None) -> Iterator[Tensor]:
+        """Yield the next token of every row (B,), up to `max_new_tokens` times: greedy (default) or sampled.
+        The prompt is processed in one parallel pass; each new token then costs one recurrent step, independent of
+        the prompt length. Stop iterating to stop generating. Logits past `vocab_size` (default the config's: the
+        embedding's padding rows) are never chosen."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"generate expects input_ids of shape (batch, length >= 1), got {tuple(input_ids.shape)}")
+        vocab_size = self.config.vocab_size if vocab_size is None else vocab_size
+        cache = self.allocate_cache(input_ids.shape[0])
+        step_input = input_ids
+        for _ in range(max_new_tokens):
+            logits = self.lm_head(self.hidden_states(step_input, cache)[:, -1])
+            logits[:, vocab_size:] = -float("inf")
+            token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            yield token
+            step_input = token[:, None]
+
     def generate(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
-        """Greedy (default) or sampled continuation. The prompt is processed in one parallel pass; each new
-        token then costs one recurrent step, independent of the prompt length. Returns (B, L + new)."""
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"generate expects input_ids of shape (batch, length >= 1), got {tuple(input_ids.shape)}")
-        cache = self.allocate_cache(input_ids.shape[0])
-        logits = self.lm_head(self.hidden_states(input_ids, cache)[:, -1])
+        """Greedy (default) or sampled continuation (`stream`), rows that emitted `eos_token_id` padded with it;
+        stops early when every row has. Returns (B, L + new)."""
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         new_tokens = []
-        for _ in range(max_new_tokens):
-            logits[:, self.config.vocab_size:] = -float("inf")   # padding rows of the embedding are not tokens
-            token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+        for token in self.stream(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, generator):
             if eos_token_id is not None:
                 token = torch.where(done, torch.full_like(token, eos_token_id), token)
                 done |= token == eos_token_id
             new_tokens.append(token)
             if bool(done.all()):
                 break
-            logits = self.lm_head(self.hidden_states(token[:, None], cache)[:, -1])
         if not new_tokens:
             return input_ids
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
@@ -247,40 +260,44 @@ class AdaptiveMambaForCausalLM(nn.Module):
     # ---------------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json and model.safetensors (tied lm_head stored once)."""
-        from adaptive_mamba.checkpoint_io import save_model
-
         save_model(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: Optional[torch.dtype] = None,
                         device: str | torch.device = "cpu") -> "AdaptiveMambaForCausalLM":
         """Load our directories, transformers `MambaForCausalLM` directories or state-spaces checkpoints."""
-        from adaptive_mamba.checkpoint_io import load_model
-
         return load_model(cls, directory, dtype=dtype, device=device)
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Distinct parameters (a tied weight counts once)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
 def lm_loss(lm_head: nn.Module, hidden: Tensor, labels: Tensor, chunk: int = 2048) -> Tensor:
-    """Mean next-token cross-entropy over non-ignored (-100) positions, computed `chunk` positions at a time
-    with the logits recomputed in backward, so memory holds one chunk's logits, not (B, L, vocab)."""
-    hidden, targets = hidden[:, :-1], labels[:, 1:]
+    """Mean next-token cross-entropy over non-ignored (-100) positions (labels are shifted here)."""
+    targets = labels[:, 1:]
     count = (targets != -100).sum()
     if int(count) == 0:
         raise ValueError("every label is -100 (ignored): there is nothing to compute a loss on")
+    return vocab_nll(lm_head, hidden[:, :-1], targets, chunk) / count
 
-    def chunk_loss(h: Tensor, t: Tensor) -> Tensor:
-        return F.cross_entropy(lm_head(h).float().flatten(0, 1), t.flatten(), ignore_index=-100, reduction="sum")
 
-    total = hidden.new_zeros((), dtype=torch.float32)
+def vocab_nll(lm_head: nn.Module, hidden: Tensor, targets: Tensor, chunk: int, per_position: bool = False) -> Tensor:
+    """Cross-entropy of `targets` (B, L) under the logits lm_head(hidden) (B, L, vocab), positions with target -100
+    ignored: their sum (a float32 scalar), or with `per_position` each position's (B, L) float32. The vocabulary
+    projection runs `chunk` positions at a time and is recomputed in backward, so memory holds one chunk's logits,
+    never (B, L, vocab)."""
+    def chunk_nll(h: Tensor, t: Tensor) -> Tensor:
+        return F.cross_entropy(lm_head(h).float().flatten(0, 1), t.flatten(), ignore_index=-100,
+                               reduction="none" if per_position else "sum")
+
+    pieces = []
     for s in range(0, hidden.shape[1], chunk):
         h, t = hidden[:, s:s + chunk], targets[:, s:s + chunk]
-        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled()
-                         else chunk_loss(h, t))
-    return total / count
+        pieces.append(checkpoint(chunk_nll, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_nll(h, t))
+    if per_position:
+        return torch.cat([p.view(targets.shape[0], -1) for p in pieces], dim=1) if pieces else \
+            targets.new_zeros(targets.shape, dtype=torch.float32)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for piece in pieces:
+        total = total + piece
+    return total
 
 
 def sample_next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,

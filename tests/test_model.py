@@ -137,6 +137,28 @@ def test_generation_stops_at_eos_and_samples_reproducibly():
     assert torch.equal(a, b) and int(a[:, 5:].max()) < 50
 
 
+def test_loss_and_per_position_nll_are_one_computation():
+    """lm_loss (training) and the per-position NLL (evaluation) both come from vocab_nll: chunking changes
+    nothing, ignored labels count nowhere, and both equal a full-logits cross-entropy."""
+    from adaptive_mamba.model import lm_loss, vocab_nll
+
+    torch.manual_seed(0)
+    model = AdaptiveMambaForCausalLM(AdaptiveMambaConfig(d_model=32, n_layer=1, vocab_size=50))
+    ids = torch.randint(0, 50, (2, 23))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    hidden = model.hidden_states(ids)
+    reference = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1]).flatten(0, 1), labels[:, 1:].flatten())
+    for chunk in (1, 5, 64):
+        torch.testing.assert_close(lm_loss(model.lm_head, hidden, labels, chunk), reference, rtol=1e-6, atol=1e-6)
+        with torch.no_grad():
+            per = vocab_nll(model.lm_head, hidden[:, :-1], labels[:, 1:], chunk, per_position=True)
+        assert per.shape == (2, 22) and per.dtype == torch.float32 and bool((per[0, :3] == 0).all())
+        torch.testing.assert_close(per.sum() / (labels[:, 1:] != -100).sum(), reference, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="every label is -100"):
+        lm_loss(model.lm_head, hidden, torch.full_like(labels, -100))
+
+
 def test_gradient_checkpointing_gives_identical_gradients():
     torch.manual_seed(0)
     cfg = AdaptiveMambaConfig(d_model=32, n_layer=2, vocab_size=100)
@@ -160,7 +182,7 @@ def test_every_projection_is_called_as_a_module_on_every_path():
         getattr(mixer, name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
     ids = torch.randint(0, 50, (1, 6))
     model(ids, labels=ids).loss.backward()                           # training path
-    model.generate(ids, max_new_tokens=2)                           # prompt pass + one-token steps
+    model.generate(ids, max_new_tokens=3)             # prompt pass + two one-token steps (the last token needs none)
     assert calls.count("in_proj") == 4 and set(calls) == {"in_proj", "conv1d", "x_proj", "dt_proj", "out_proj",
                                                           "scan_input"}
     assert all(calls.count(n) == 4 for n in ("conv1d", "x_proj", "dt_proj", "out_proj", "scan_input"))

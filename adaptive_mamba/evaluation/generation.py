@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..model import sample_next_token
 from ..tokenizer import Tokenizer
 
 
@@ -25,21 +24,18 @@ def _stop_index(text: str, stops: Sequence[str]) -> int | None:
 def generate_batch(model: torch.nn.Module, tokenizer: Tokenizer, prompt_ids: Sequence[int],
                    n: int, max_new_tokens: int, stops: Sequence[str] = (), temperature: float = 0.0,
                    top_p: float = 1.0, generator: torch.Generator | None = None) -> list[str]:
-    """`n` continuations of one prompt, each cut at its first stop sequence or end-of-text."""
+    """`n` continuations of one prompt (the model's `stream`), each cut at its first stop sequence or
+    end-of-text."""
     if not prompt_ids:
         raise ValueError("generate_batch: empty prompt; a prompt needs at least one token")
     device = next(model.parameters()).device
     inputs = torch.tensor([list(prompt_ids)] * n, dtype=torch.long, device=device)
-    cache = model.allocate_cache(n)
-    # Only the last position needs logits: no (n, L, vocab) tensor for a long prompt.
-    logits = model.lm_head(model.hidden_states(inputs, cache)[:, -1]).float()
-    vocab = tokenizer.vocab_size  # the model's vocab may be padded past the tokenizer's
     generated: list[list[int]] = [[] for _ in range(n)]
     texts = [""] * n
     done = [False] * n
-    for _ in range(max_new_tokens):
-        logits[:, vocab:] = float("-inf")
-        step = sample_next_token(logits, temperature > 0, temperature, 0, top_p, generator)
+    # the model's vocab may be padded past the tokenizer's: only the tokenizer's ids are sampled
+    for step in model.stream(inputs, max_new_tokens, do_sample=temperature > 0, temperature=temperature,
+                             top_p=top_p, generator=generator, vocab_size=tokenizer.vocab_size):
         for row, token in enumerate(step.tolist()):
             if done[row]:
                 continue
@@ -53,7 +49,6 @@ def generate_batch(model: torch.nn.Module, tokenizer: Tokenizer, prompt_ids: Seq
                 texts[row], done[row] = texts[row][:cut], True
         if all(done):
             break
-        logits = model.lm_head(model.hidden_states(step[:, None], cache)[:, -1]).float()
     return texts
 
 

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from ..model import vocab_nll
 
 
 @dataclass
@@ -75,18 +76,10 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
               cache=None, chunk: int = 512) -> torch.Tensor:
-    """Per-position NLL (B, L) in float32, on the CPU. The vocabulary projection is applied
-    `chunk` positions at a time, so (B, L, vocab) logits never exist at once; with `cache`, the
-    sequence continues from it (and the cache is updated in place)."""
+    """Per-position NLL (B, L) in float32, on the CPU, with (B, L, vocab) logits never held at once (the model's
+    `vocab_nll`); with `cache`, the sequence continues from it (and the cache is updated in place)."""
     hidden = model.hidden_states(input_ids, cache)
-    targets = targets.to(hidden.device)
-    out = torch.empty(targets.shape, dtype=torch.float32)
-    for s in range(0, targets.shape[1], chunk):
-        logits = model.lm_head(hidden[:, s:s + chunk]).float()
-        piece = targets[:, s:s + chunk]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), piece.reshape(-1), reduction="none")
-        out[:, s:s + chunk] = nll.view(piece.shape).cpu()
-    return out
+    return vocab_nll(model.lm_head, hidden, targets.to(hidden.device), chunk, per_position=True).cpu()
 
 
 @torch.no_grad()
