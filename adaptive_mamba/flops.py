@@ -12,10 +12,10 @@ per (token, channel) 7 (softplus of delta: 1, delta u: 1, D u + y: 2, silu(z): 2
 lookup (0); RMSNorm costs 4 per element. The matmul and conv counts equal torch.utils.flop_counter.FlopCounterMode's
 (tests/test_flops.py); the elementwise counts are this module's convention.
 
-What executes depends on the modules: a MaskedLinear at evaluation its executed_flops (gathered or dense), in
-training the dense matmul plus the mask product (2 per weight); a CompactLinear its smaller weight; a mixer with a
-ChannelMask at evaluation the kept channels only (compact mixer); LoRA adds 2 T (in r + r out) + 2 T out (scale,
-add), IA3 one multiply per scaled feature.
+What executes depends on the modules, and a masked or compiled layer says it itself (its `forward_flops`): a
+MaskedLinear at evaluation its executed_flops (gathered or dense), in training the dense matmul plus the mask product
+(2 per weight); a CompactLinear its smaller weight; a mixer with a ChannelMask at evaluation the kept channels only
+(compact mixer); LoRA adds 2 T (in r + r out) + 2 T out (scale, add), IA3 one multiply per scaled feature.
 
 Training step = forward + backward (+ one more forward of every block under activation checkpointing). Backward:
 each matmul and the conv cost their forward once for the input gradient, and once more for the weight gradient when
@@ -72,18 +72,11 @@ class FlopCount:
 
 def _linear(module: nn.Module, tokens: int, training: bool) -> tuple[int, int, int, bool]:
     """(matmul FLOPs, adapter FLOPs, elementwise FLOPs, weight trains) of one projection as attached."""
-    from adaptive_mamba.pillars.masks import CompactLinear, MaskedLinear
-
     layer = base_layer(module)
-    dense = 2 * tokens * layer.in_features * layer.out_features
+    counted = getattr(layer, "forward_flops", None)      # masked and compiled layers count what they execute
+    matmul, elementwise = (counted(tokens, training) if counted is not None
+                           else (2 * tokens * layer.in_features * layer.out_features, 0))
     trains = any(p.requires_grad for p in layer.parameters())
-    if isinstance(layer, MaskedLinear):
-        matmul = dense if training else layer.executed_flops(tokens)
-        elementwise = 2 * layer.in_features * layer.out_features if training or not layer.gathers else 0
-    elif isinstance(layer, CompactLinear):
-        matmul, elementwise = layer.executed_flops(tokens), 0
-    else:
-        matmul, elementwise = dense, 0
     adapter = 0
     for name, sub in module.named_modules():
         if name.startswith(("lora_A.", "lora_B.")) and isinstance(sub, nn.Linear):

@@ -221,6 +221,14 @@ class MaskedLinear(MaskLogits, nn.Linear):
         kept = int(self.hard_mask().sum()) * self.block_size
         return 2 * tokens * kept * (self.in_features if self.side == "out" else self.out_features)
 
+    def forward_flops(self, tokens: int, training: bool) -> tuple[int, int]:
+        """(matmul, elementwise) FLOPs of one forward over `tokens` tokens (adaptive_mamba.flops): training runs
+        the dense matmul and the mask product (2 per weight); evaluation its executed_flops, plus the mask product
+        unless it gathers."""
+        dense = 2 * tokens * self.in_features * self.out_features
+        return (dense if training else self.executed_flops(tokens),
+                2 * self.in_features * self.out_features if training or not self.gathers else 0)
+
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
@@ -287,6 +295,10 @@ class CompactLinear(nn.Module):
 
     def executed_flops(self, tokens: int = 1) -> int:
         return 2 * tokens * self.weight.numel()
+
+    def forward_flops(self, tokens: int, training: bool) -> tuple[int, int]:
+        """(matmul, elementwise) FLOPs of one forward: the compiled weight's matmul, in either mode."""
+        return self.executed_flops(tokens), 0
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={tuple(self.weight.shape)}"
