@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -192,6 +192,17 @@ class PermuteOp:
         return bool((values == values[:, :1]).all())
 
 
+@torch.no_grad()
+def permute_parameter(param: Tensor, fn: Callable[[Tensor], Tensor], optimizer_state: Mapping[str, Any]) -> None:
+    """param <- fn(param) in place, and each per-element tensor of its torch optimizer state (Adam's moments, not
+    its "step") the same way: how a reparametrisation is applied without ZeRO (apply_scan_order, and the engine's
+    permute_engine_params when DeepSpeed keeps no fp32 master copy)."""
+    param.copy_(fn(param))
+    for value in optimizer_state.values():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape:
+            value.copy_(fn(value))
+
+
 def _projection_ops(prefix: str, rel: str, param: Tensor, module: nn.Module, side: str,
                     index: Tensor) -> list[PermuteOp]:
     """Ops for one parameter `rel` of a projection (e.g. 'base_layer.lora_A.x.weight'); `index` permutes the
@@ -290,11 +301,7 @@ def apply_scan_order(model: "AdaptiveMambaForCausalLM", decision: ScanOrderDecis
     params = dict(model.named_parameters())
     for op in plan:
         p = params[op.name]
-        p.copy_(op.apply(p))
-        if optimizer is not None:
-            for key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0 and value.shape == p.shape:   # moments, not "step"
-                    value.copy_(op.apply(value))
+        permute_parameter(p, op.apply, {} if optimizer is None else optimizer.state.get(p, {}))
     order = current_scan_order(model)
     model.config.extra["scan_order"] = [[o[k] for k in perm] for o, perm in zip(order, decision.perms)]
     if collector is not None:
@@ -304,4 +311,4 @@ def apply_scan_order(model: "AdaptiveMambaForCausalLM", decision: ScanOrderDecis
 
 __all__ = ["LayerStats", "PermuteOp", "blockwise_path", "ScanOrderDecision", "ScanStatsCollector", "apply_scan_order",
            "best_path", "correlation", "current_scan_order", "decide_scan_order", "nearest_neighbour_path",
-           "path_cost", "reorder_block_sizes", "reparametrization_plan", "two_opt"]
+           "path_cost", "permute_parameter", "reorder_block_sizes", "reparametrization_plan", "two_opt"]

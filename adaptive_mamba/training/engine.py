@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from adaptive_mamba.pillars.scan_order import permute_parameter
 from adaptive_mamba.training.config import TrainConfig
 
 
@@ -135,17 +136,14 @@ def permute_engine_params(engine, plan: Iterable[tuple[str, Callable[[torch.Tens
         if name not in params:
             raise KeyError(f"reparametrisation plan names {name!r}, which the model does not have")
         p = params[name]
-        with _gathered([p], modifier_rank=0):        # the full working copy (a no-op unless ZeRO-3)
+        master = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if master is None and not hasattr(p, "ds_id"):   # no ZeRO (fp32) or frozen: as in a single process
+            permute_parameter(p, fn, base_opt.state.get(p, {}))
+            continue
+        with _gathered([p], modifier_rank=0):        # the full ZeRO-3 working copy (a no-op at ZeRO-1/2)
             with torch.no_grad():
                 p.data.copy_(fn(p.data))
-        if not p.requires_grad:
-            continue
-        master = safe_get_full_fp32_param(p)
-        if master is None:                             # no ZeRO, fp32: the torch optimizer holds the moments
-            state = base_opt.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key].copy_(fn(state[key]))
+        if master is None:                             # a frozen ZeRO-3 parameter
             continue
         shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
         safe_set_full_fp32_param(p, fn(master.reshape(shape)))
