@@ -269,6 +269,17 @@ class AdaptiveMambaForCausalLM(nn.Module):
         return load_model(cls, directory, dtype=dtype, device=device)
 
 
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters: a shared (tied) weight counts once, a ZeRO-3 partitioned parameter with its
+    full size (ds_numel)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
 def lm_loss(lm_head: nn.Module, hidden: Tensor, labels: Tensor, chunk: int = 2048) -> Tensor:
     """Mean next-token cross-entropy over non-ignored (-100) positions (labels are shifted here)."""
     targets = labels[:, 1:]

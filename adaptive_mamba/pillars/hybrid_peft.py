@@ -66,6 +66,7 @@ from peft.tuners.lora.layer import LoraVariant
 from torch import Tensor, nn
 
 from adaptive_mamba.config import check_known_keys
+from adaptive_mamba.model import parameter_counts
 from adaptive_mamba.pillars.common import (PROJECTIONS, base_layer, check_projections, iter_projections,
                                            resolve_module)
 from adaptive_mamba.pillars.masks import MaskedLinear
@@ -86,7 +87,7 @@ class HybridPeftConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj")
+    target_modules: tuple[str, ...] = PROJECTIONS
     importance_source: str = "saliency"      # "saliency" (mean |W * grad|), "activations" (mean mask over T) or
                                              # "random" (a control: uniform in [0, 1), seeded by seed and step)
     importance_window: int = 100             # T, for "activations" (at most MaskConfig.activation_window)
@@ -276,7 +277,7 @@ def format_allocation_table(decision: AllocationDecision) -> str:
 
 # ------------------------------------------------------------------------------------------------ apply
 def current_allocation(model: "AdaptiveMambaForCausalLM",
-                       targets: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj")) -> dict[str, str]:
+                       targets: tuple[str, ...] = PROJECTIONS) -> dict[str, str]:
     """The kind each projection has right now, read from the modules themselves."""
     return {name: "lora" if isinstance(module, LoraLayer) else "ia3" if isinstance(module, IA3Layer) else "frozen"
             for name, _, module, _ in iter_projections(model, targets)}
@@ -333,16 +334,19 @@ class MaskedLoraVariant(LoraVariant):
         return result + F.linear(x, delta)
 
 
-def _inject(model: nn.Module, kind: str, names: list[str], cfg: HybridPeftConfig) -> None:
+def _peft_config(kind: str, names: list[str], cfg: HybridPeftConfig) -> LoraConfig | IA3Config:
+    """peft's config of the `kind` adapter ("lora" or "ia3") on the modules `names`."""
     if kind == "lora":
-        pcfg: Any = LoraConfig(target_modules=names, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                               lora_dropout=cfg.lora_dropout, bias="none")
-    else:
-        pcfg = IA3Config(target_modules=names,
-                         feedforward_modules=[n for n in names if n.rsplit(".", 1)[1] in cfg.ia3_scale_inputs])
+        return LoraConfig(target_modules=names, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                          lora_dropout=cfg.lora_dropout, bias="none")
+    return IA3Config(target_modules=names,
+                     feedforward_modules=[n for n in names if n.rsplit(".", 1)[1] in cfg.ia3_scale_inputs])
+
+
+def _inject(model: nn.Module, kind: str, names: list[str], cfg: HybridPeftConfig) -> None:
     with warnings.catch_warnings():   # peft warns when a model already has a peft_config: we keep it consistent
         warnings.simplefilter("ignore")
-        inject_adapter_in_model(pcfg, model, adapter_name=ADAPTER_NAMES[kind])
+        inject_adapter_in_model(_peft_config(kind, names, cfg), model, adapter_name=ADAPTER_NAMES[kind])
 
 
 @torch.no_grad()
@@ -361,11 +365,7 @@ def _sync_peft_config(model: nn.Module, cfg: HybridPeftConfig) -> None:
     for kind in ("lora", "ia3"):
         names = sorted(n for n, k in alloc.items() if k == kind)
         if names:
-            configs[ADAPTER_NAMES[kind]] = (
-                LoraConfig(target_modules=names, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                           lora_dropout=cfg.lora_dropout, bias="none") if kind == "lora" else
-                IA3Config(target_modules=names,
-                          feedforward_modules=[n for n in names if n.rsplit(".", 1)[1] in cfg.ia3_scale_inputs]))
+            configs[ADAPTER_NAMES[kind]] = _peft_config(kind, names, cfg)
     if configs:
         model.peft_config = configs
     elif hasattr(model, "peft_config"):
@@ -419,13 +419,8 @@ def apply_allocation(model: "AdaptiveMambaForCausalLM", decision: AllocationDeci
 
 
 def trainable_report(model: nn.Module) -> str:
-    """'trainable params: N || all params: M || trainable%: P' as peft prints it: shared weights count once, and
-    ZeRO-3 partitioned parameters count with their full size (ds_numel)."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.ds_numel if p.numel() == 0 and hasattr(p, "ds_numel") else p.numel()
-        total += n
-        trainable += n if p.requires_grad else 0
+    """'trainable params: N || all params: M || trainable%: P' as peft prints it (counts: model.parameter_counts)."""
+    trainable, total = parameter_counts(model)
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 

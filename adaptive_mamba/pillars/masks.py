@@ -366,7 +366,7 @@ def channel_state(mixer: nn.Module, kept: Tensor) -> dict[str, Tensor]:
             continue
         if head in rows:
             state[name] = p.detach().index_select(0, rows[head])
-        elif head in ("x_proj", "out_proj") and leaf == "weight":
+        elif D_INNER_SIDE.get(head) == "in" and leaf == "weight":   # x_proj, out_proj: d_inner columns
             state[name] = p.detach().index_select(1, kept)
         else:                                   # out_proj.bias
             state[name] = p.detach()

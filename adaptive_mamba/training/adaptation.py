@@ -28,7 +28,7 @@ from peft.tuners.ia3 import IA3Layer
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from adaptive_mamba.model import AdaptiveMambaForCausalLM
+from adaptive_mamba.model import AdaptiveMambaForCausalLM, parameter_counts
 from adaptive_mamba.pillars.common import iter_projections, resolve_module
 from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, HybridPeftConfig, apply_allocation,
                                                 decide_allocation, detach_adapter, format_allocation_table,
@@ -192,8 +192,7 @@ class PillarController:
         self._apply_allocation(model, decision)
         self.allocation = decision
         self.allocation_history.append({"step": step, **decision})
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        trainable, total = parameter_counts(model)
         allocation = AllocationDecision.from_dict(decision)
         table = format_allocation_table(allocation)
         events["decisions"].append("allocation")
@@ -226,8 +225,7 @@ class PillarController:
         model = trainer.full_model()
         values: dict[str, Any] = {}
         parts = []
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        trainable, total = parameter_counts(model)
         values["trainable_pct"] = round(100 * trainable / total, 2)
         values["trainable_params"], values["total_params"] = trainable, total
         if self.mask_cfg is not None:

@@ -28,7 +28,7 @@ from adaptive_mamba.checkpoint_io import load_config
 from adaptive_mamba.chunked import chunked_lm_loss
 from adaptive_mamba.context_parallel import context_parallel_loss
 from adaptive_mamba.data import TokenShards
-from adaptive_mamba.model import AdaptiveMambaForCausalLM
+from adaptive_mamba.model import AdaptiveMambaForCausalLM, parameter_counts
 from adaptive_mamba.training import checkpointing as ckpt
 from adaptive_mamba.training.adaptation import PillarController
 from adaptive_mamba.training.config import TrainConfig
@@ -194,7 +194,7 @@ class Trainer:
         model = self.module.model
         self.monitor.info(
             f"model {mode}: d_model={self.model_config.d_model} n_layer={self.model_config.n_layer} "
-            f"vocab={self.model_config.vocab_size}, {self._param_count(model, False):,} parameters; "
+            f"vocab={self.model_config.vocab_size}, {parameter_counts(model)[1]:,} parameters; "
             f"{ctx.world_size} rank(s) on {self.device.type}, ZeRO-{zero_stage(self.ds_config)}, {cfg.precision}, "
             f"seq_len {cfg.seq_len}" + (f" in chunks of {cfg.chunk_len}" if cfg.chunk_len else "")
             + (f" split over {cfg.context_parallel} context-parallel ranks" if cfg.context_parallel > 1 else "")
@@ -247,11 +247,6 @@ class Trainer:
     @property
     def module(self) -> TrainingObjective:
         return self.engine.module
-
-    @staticmethod
-    def _param_count(model: nn.Module, trainable_only: bool) -> int:
-        return sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for p in model.parameters()
-                   if p.requires_grad or not trainable_only)
 
     # -------------------------------------------------------------------------------------- the loop
     def _batch(self, micro_index: int) -> dict[str, Tensor]:
