@@ -18,14 +18,11 @@ Read them in training, per data-parallel rank::
         ckpt["data"] = sampler.state_dict()
     sampler.batch_at(step, epoch)                 # any step directly, no history needed
 
-or ``make_dataloader(train, seq_len, batch_size, rank, world_size, seed, epoch, start_step,
-num_workers=2)`` for a `torch.utils.data.DataLoader` that prefetches in worker processes.
 ``train.tokenizer()`` loads the tokenizer saved next to the shards.
 """
-from adaptive_mamba.data.loader import IGNORE_INDEX, LongSequenceDataset, WindowSampler, make_dataloader
+from adaptive_mamba.data.loader import IGNORE_INDEX, WindowSampler
 from adaptive_mamba.data.shards import CorruptShardError, DataPrepConfig, TokenShards, build_shards, token_dtype_for
 from adaptive_mamba.data.sources import Document, DocumentReader, SkipStats, split_wikitext_articles
 
 __all__ = ["CorruptShardError", "DataPrepConfig", "build_shards", "TokenShards", "token_dtype_for", "WindowSampler",
-           "LongSequenceDataset", "make_dataloader", "IGNORE_INDEX", "Document", "DocumentReader",
-           "SkipStats", "split_wikitext_articles"]
+           "IGNORE_INDEX", "Document", "DocumentReader", "SkipStats", "split_wikitext_articles"]

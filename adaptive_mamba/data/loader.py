@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from adaptive_mamba.data.shards import TokenShards
 
@@ -167,27 +166,3 @@ class WindowSampler:
                 raise ValueError(f"cannot resume: checkpoint has {key}={state[key]!r}, this "
                                  f"sampler has {getattr(self, key)!r}; resume needs the same value")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-
-
-class LongSequenceDataset(Dataset):
-    """Map-style view of one epoch for `torch.utils.data.DataLoader`: item k = batch at step k."""
-
-    def __init__(self, sampler: WindowSampler, epoch: int) -> None:
-        self.sampler, self.epoch = sampler, epoch
-
-    def __len__(self) -> int:
-        return self.sampler.steps_per_epoch(self.epoch)
-
-    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        return self.sampler.batch_at(step, self.epoch)
-
-
-def make_dataloader(shards: TokenShards, seq_len: int, batch_size: int, rank: int = 0,
-                    world_size: int = 1, seed: int = 0, epoch: int = 0, start_step: int = 0,
-                    mode: str = "pack", num_workers: int = 0, drop_last: bool = False) -> DataLoader:
-    """A DataLoader over steps start_step.. of `epoch`; workers prefetch whole batches."""
-    sampler = WindowSampler(shards, seq_len, batch_size, rank, world_size, seed, mode,
-                            drop_last=drop_last)
-    dataset = LongSequenceDataset(sampler, epoch)
-    return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)),
-                      num_workers=num_workers, persistent_workers=False)

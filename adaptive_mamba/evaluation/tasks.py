@@ -39,12 +39,6 @@ STOP_SEQUENCES = {
 DEFAULT_MAX_NEW_TOKENS = {"cnn_dm": 128, "hotpotqa": 32, "humaneval": 512}
 
 
-def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
-    """Cut the text at the earliest stop sequence (the stop itself is dropped)."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
-    return text[:cut]
-
-
 def wikitext_detokenize(text: str) -> str:
     """Undo WikiText's tokenisation (lm-evaluation-harness `wikitext_detokenizer`)."""
     text = text.replace("s '", "s'")

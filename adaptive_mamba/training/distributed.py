@@ -111,14 +111,10 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (stop requests, non-finite losses)."""
-    return all_reduce_max(1.0 if flag else 0.0) > 0
-
-
-def all_reduce_max(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
     if _multi_rank():
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_group())
-    return float(t.item())
+    return bool(t.item() > 0)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
