@@ -220,9 +220,10 @@ class AdaptiveMambaForCausalLM(nn.Module):
 
     # ----------------------------------------------------------------------------------- generation
     @torch.no_grad()
-    def stream(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-               vocab_size: Optional[int] = None) -> Iterator[Tensor]:
+    def stream_tokens(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      generator: Optional[torch.Generator] = None,
+                      vocab_size: Optional[int] = None) -> Iterator[Tensor]:
         """Yield the next token of every row (B,), up to `max_new_tokens` times: greedy (default) or sampled.
         The prompt is processed in one parallel pass; each new token then costs one recurrent step, independent of
         the prompt length. Stop iterating to stop generating. Logits past `vocab_size` (default the config's: the
@@ -242,11 +243,11 @@ class AdaptiveMambaForCausalLM(nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
-        """Greedy (default) or sampled continuation (`stream`), rows that emitted `eos_token_id` padded with it;
+        """Greedy (default) or sampled continuation (`stream_tokens`), rows that emitted `eos_token_id` padded with it;
         stops early when every row has. Returns (B, L + new)."""
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         new_tokens = []
-        for token in self.stream(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, generator):
+        for token in self.stream_tokens(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, generator):
             if eos_token_id is not None:
                 token = torch.where(done, torch.full_like(token, eos_token_id), token)
                 done |= token == eos_token_id

@@ -67,17 +67,16 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             elif nxt in stack:
                 low[node] = min(low[node], index[nxt])
         if low[node] == index[node]:
-            group = set()
-            while not group or member != node:
-                member = stack.pop()
-                group.add(member)
+            group = {stack.pop()}
+            while node not in group:
+                group.add(stack.pop())
             if len(group) > 1:
                 groups.append(group)
 
     for node in sorted(graph):
         if node not in index:
             connect(node)
-    return [cycle_through(graph, sorted(group)[0], group) for group in groups]
+    return [cycle_through(graph, min(group), group) for group in groups]
 
 
 def cycle_through(graph: dict[str, set[str]], start: str, group: set[str]) -> list[str]:

@@ -24,7 +24,7 @@ def _stop_index(text: str, stops: Sequence[str]) -> int | None:
 def generate_batch(model: torch.nn.Module, tokenizer: Tokenizer, prompt_ids: Sequence[int],
                    n: int, max_new_tokens: int, stops: Sequence[str] = (), temperature: float = 0.0,
                    top_p: float = 1.0, generator: torch.Generator | None = None) -> list[str]:
-    """`n` continuations of one prompt (the model's `stream`), each cut at its first stop sequence or
+    """`n` continuations of one prompt (the model's `stream_tokens`), each cut at its first stop sequence or
     end-of-text."""
     if not prompt_ids:
         raise ValueError("generate_batch: empty prompt; a prompt needs at least one token")
@@ -34,8 +34,8 @@ def generate_batch(model: torch.nn.Module, tokenizer: Tokenizer, prompt_ids: Seq
     texts = [""] * n
     done = [False] * n
     # the model's vocab may be padded past the tokenizer's: only the tokenizer's ids are sampled
-    for step in model.stream(inputs, max_new_tokens, do_sample=temperature > 0, temperature=temperature,
-                             top_p=top_p, generator=generator, vocab_size=tokenizer.vocab_size):
+    for step in model.stream_tokens(inputs, max_new_tokens, do_sample=temperature > 0, temperature=temperature,
+                                    top_p=top_p, generator=generator, vocab_size=tokenizer.vocab_size):
         for row, token in enumerate(step.tolist()):
             if done[row]:
                 continue
