@@ -1,6 +1,7 @@
 """In-place permutation of a DeepSpeed engine's parameters through DeepSpeed's public safe_get/safe_set API: the
 working copy, the fp32 master and both Adam moments all end up permuted, at ZeRO-0/2/3 in fp32 and ZeRO-2 in bf16
-(one gloo rank; the 2-rank runs in test_train_runs.py check the ranks agree after real scan-order refreshes)."""
+(one gloo rank; the 2-rank runs in test_train_runs.py check the ranks agree after real scan-order refreshes).
+Also: parameter counts see the full size of ZeRO-3 partitioned parameters."""
 from __future__ import annotations
 
 import pytest
@@ -75,5 +76,18 @@ def test_permutation_moves_master_and_moments(process_group, ds_config: str, pre
                 assert not torch.equal(after[name][key], before[name][key]), f"{name} {key} did not move"
         with torch.no_grad():               # a permutation of hidden units computes the same function
             assert float(engine(x)) == pytest.approx(loss, rel=1e-2 if precision == "bf16" else 1e-6)
+    finally:
+        engine.destroy()
+
+
+def test_parameter_counts_give_full_sizes_of_partitioned_zero3_parameters(process_group) -> None:
+    from adaptive_mamba.model import parameter_counts
+
+    cfg = TrainConfig(data_source="stdlib", precision="fp32", deepspeed_config="ds_configs/zero3_fp32.json")
+    engine = build_engine(Tiny(), cfg, load_ds_config(cfg, world_size=1))
+    try:
+        engine.module.b.bias.requires_grad_(False)
+        assert all(p.numel() == 0 for p in engine.module.parameters())          # really partitioned
+        assert parameter_counts(engine.module) == (6 * 8 + 8 + 8 * 3, 6 * 8 + 8 + 8 * 3 + 3)
     finally:
         engine.destroy()

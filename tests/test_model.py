@@ -159,6 +159,17 @@ def test_loss_and_per_position_nll_are_one_computation():
         lm_loss(model.lm_head, hidden, torch.full_like(labels, -100))
 
 
+def test_parameter_counts_count_a_tied_weight_once():
+    from adaptive_mamba.model import parameter_counts
+
+    model = AdaptiveMambaForCausalLM(AdaptiveMambaConfig(d_model=32, n_layer=1, vocab_size=50))
+    distinct = {id(p): p.numel() for _, p in model.named_parameters(remove_duplicate=False)}
+    assert model.lm_head.weight is model.embedding.weight
+    assert parameter_counts(model) == (sum(distinct.values()), sum(distinct.values()))
+    model.embedding.weight.requires_grad_(False)
+    assert parameter_counts(model) == (sum(distinct.values()) - model.embedding.weight.numel(), sum(distinct.values()))
+
+
 def test_gradient_checkpointing_gives_identical_gradients():
     torch.manual_seed(0)
     cfg = AdaptiveMambaConfig(d_model=32, n_layer=2, vocab_size=100)
