@@ -3,9 +3,10 @@
 A channel whose channel-mask value is exactly 0 in a training forward contributes nothing: its scan input and its
 gated output are multiplied by 0, so it reaches neither x_proj nor out_proj, and every parameter of it (in_proj x/z
 rows, conv filter, dt_proj row, A_log/D rows, x_proj/out_proj columns) gets a zero gradient. `ChannelSubset` runs
-each part of the mixer over the other channels only, so the projections, the conv and the scan shrink. Weights are
-gathered with `index_select`, whose backward scatters the gradients into the full parameters (zero in the rows of
-dropped channels), so the loss and every gradient equal those of the dense masked forward (tests/test_masks.py).
+each part of the mixer over the other channels only, so the projections and the scan shrink (the conv too, through
+`ops.causal_conv1d_silu(x, conv, kept)`). Weights are gathered with `index_select`, whose backward scatters the
+gradients into the full parameters (zero in the rows of dropped channels), so the loss and every gradient equal
+those of the dense masked forward (tests/test_masks.py).
 
 A projection wrapped by an adapter (peft) is still called as a module, at full width, and its output is gathered
 (or its input placed into zeros at full width): adapters take effect, and only the plain projections shrink.
@@ -18,8 +19,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from adaptive_mamba.ops import causal_conv1d_silu
 
 
 class ChannelSubset:
@@ -53,9 +52,6 @@ class ChannelSubset:
         """(B, L, 2k): the x and z halves of the kept channels."""
         m = self.mixer.in_proj
         return m(hidden) if self.kept is None else self._outputs(m, hidden, self.xz_rows)
-
-    def conv_silu(self, x: Tensor) -> Tensor:
-        return causal_conv1d_silu(x, self.mixer.conv1d, self.kept)
 
     def scan_input(self, u: Tensor) -> Tensor:
         """The mixer's `scan_input` observation point on u (B, k, L): hooks see the full width, dropped channels 0

@@ -101,7 +101,7 @@ class MambaMixer(nn.Module):
             u = F.silu(self.conv1d(conv_in)[..., pad:pad + length]).transpose(1, 2)
             new_conv = conv_in[..., conv_in.shape[-1] - pad:]
         else:
-            u = part.conv_silu(x)                                               # (B, L, d_inner)
+            u = causal_conv1d_silu(x, self.conv1d, kept)                        # (B, L, d_inner)
         # (B, L, d_inner) activations; the scan and the hook see them as (B, d_inner, L) views, without copies
         u = u.transpose(1, 2)
         if keep is not None:

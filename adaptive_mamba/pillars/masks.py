@@ -346,15 +346,23 @@ class ChannelMask(MaskLogits, nn.Module):
         p = torch.sigmoid(self.mask_logits.detach().float())
         return m.masked_fill(p < self.hard_threshold, 0.0).masked_fill(p > 1.0 - self.hard_threshold, 1.0)
 
-    def training_channels(self) -> int:
-        """Channels a training forward computes at most: those the hard threshold does not fix at 0 (at least 1)."""
+    def sparse_in_training(self, mixer: nn.Module) -> bool:
+        """Whether training skips channels that are exactly 0: `sparse_training` is on and the weights are not
+        ZeRO-3 partitions (which only their own module gathers)."""
+        return self.sparse_training and not any(hasattr(p, "ds_id") for p in mixer.parameters())
+
+    def training_width(self, mixer: nn.Module) -> int:
+        """Channels a training forward computes at most: those the hard threshold does not fix at 0 (at least 1;
+        a relaxed sample that underflows to 0 removes more), or every channel when training runs dense."""
+        if not self.sparse_in_training(mixer):
+            return self.d_inner
         return max(1, int((torch.sigmoid(self.mask_logits.detach().float()) >= self.hard_threshold).sum()))
 
     def computed_channels(self, mixer: nn.Module, m: Tensor) -> Optional[Tensor]:
         """Indices of the channels a training forward with mask values `m` computes: those not exactly 0 (when
         every one is 0, channel 0 alone, whose output is then multiplied by 0). None: every channel (none is 0,
-        `sparse_training` is off, or the weights are ZeRO-3 partitions, which only their own module gathers)."""
-        if not self.sparse_training or any(hasattr(p, "ds_id") for p in mixer.parameters()):
+        or not `sparse_in_training`)."""
+        if not self.sparse_in_training(mixer):
             return None
         nonzero = m.detach() != 0
         if bool(nonzero.all()):
