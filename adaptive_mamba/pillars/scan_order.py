@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_mamba.pillars.common import D_INNER_SIDE, PROJECTIONS, base_layer
-from adaptive_mamba.pillars.path_search import (LayerStats, best_path, correlation, nearest_neighbour_path,
+from adaptive_mamba.pillars.path_search import (LayerStats, best_path, correlation, cost_matrix, nearest_neighbour_path,
                                                 path_cost, two_opt)
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def blockwise_path(cost: np.ndarray, block_size: int, n_starts: int = 8, max_pas
 def decide_layer(stats: LayerStats, block_size: int = 1, n_starts: int = 8, max_passes: int = 50,
                  min_improvement: float = 0.0) -> tuple[list[int], float, float, float]:
     """One layer's decision (see decide_scan_order): (permutation, identity cost, greedy cost, cost after)."""
-    cost = 1.0 - np.abs(correlation(stats))
+    cost = cost_matrix(stats)
     d = cost.shape[0]
     identity_cost = path_cost(cost, np.arange(d))
     if block_size == 1:
