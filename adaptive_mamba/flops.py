@@ -15,8 +15,8 @@ lookup (0); RMSNorm costs 4 per element. The matmul and conv counts equal torch.
 What executes depends on the modules: a MaskedLinear at evaluation its executed_flops (gathered or dense), in
 training the dense matmul plus the mask product (2 per weight); a CompactLinear its smaller weight; a mixer with a
 ChannelMask at evaluation the kept channels only (compact mixer), in training the channels its hard threshold does
-not fix at 0 (ChannelMask.training_width; an adapter-wrapped projection at full width); LoRA adds 2 T (in r + r out) + 2 T out (scale,
-add), IA3 one multiply per scaled feature.
+not fix at 0 (ChannelMask.training_width; an adapter-wrapped projection at full width); LoRA adds 2 T (in r + r out)
++ 2 T out (scale, add), IA3 one multiply per scaled feature.
 
 Training step = forward + backward (+ one more forward of every block under activation checkpointing). Backward:
 each matmul and the conv cost their forward once for the input gradient, and once more for the weight gradient when

@@ -134,7 +134,8 @@ def main() -> None:
           f"threads {torch.get_num_threads()}); 'alone': the hook's own CPU time x 4 layers, as a share of the step:")
     for stride, (wall, cpu) in best.items():
         label = "no hook" if stride is None else f"hook, token stride {stride}"
-        own = "" if stride is None else f"  alone {1000 * alone[stride]:6.1f} ms/layer = {100 * 4 * alone[stride] / base:5.1f}%"
+        own = "" if stride is None else \
+            f"  alone {1000 * alone[stride]:6.1f} ms/layer = {100 * 4 * alone[stride] / base:5.1f}%"
         print(f"  {label:<22} {wall:7.3f} s wall {cpu:7.3f} s CPU  overhead {100 * (cpu / base - 1):+6.1f}% (CPU){own}")
 
 

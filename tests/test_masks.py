@@ -367,7 +367,8 @@ def test_channel_sparse_training_equals_dense_masked(pattern: str, monkeypatch) 
     loss and the gradient of every parameter (mask logits included) equal the dense masked forward's; dropped
     channels' parameters get exactly zero gradients. The scan-order statistics are the same on both paths."""
     import adaptive_mamba.model as model_module
-    from adaptive_mamba.pillars import AllocationDecision, HybridPeftConfig, ScanStatsCollector, apply_allocation
+    from adaptive_mamba.pillars import ScanStatsCollector
+    from test_scan_order import add_adapters
 
     model = tiny_model()
     threshold = 0.0 if pattern == "annealed" else 0.01
@@ -376,17 +377,13 @@ def test_channel_sparse_training_equals_dense_masked(pattern: str, monkeypatch) 
     if pattern == "annealed":
         set_temperature(model, 0.05)
     if pattern == "adapters":         # wrapped projections are called as modules at full width
-        kinds = {f"blocks.{i}.mixer.{p}": ("lora" if i == 0 else "ia3") for i in range(2) for p in ALL}
-        apply_allocation(model, AllocationDecision(kinds, {k: 0.0 for k in kinds}), HybridPeftConfig(lora_r=4))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name or "ia3_l" in name:
-                    p.add_(0.1 * torch.randn_like(p))
+        add_adapters(model)
     model.train()
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
     widths: list[int] = []
     scan = model_module.selective_scan
-    monkeypatch.setattr(model_module, "selective_scan", lambda u, *a, **k: widths.append(u.shape[1]) or scan(u, *a, **k))
+    monkeypatch.setattr(model_module, "selective_scan",
+                        lambda u, *a, **k: widths.append(u.shape[1]) or scan(u, *a, **k))
 
     def run(sparse: bool) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
         for block in model.blocks:
@@ -406,9 +403,9 @@ def test_channel_sparse_training_equals_dense_masked(pattern: str, monkeypatch) 
     widths.clear()
     sparse_loss, sparse_grads, sparse_stats = run(True)
     torch.manual_seed(11)
-    samples = [torch.sigmoid((b.mixer.channel_mask.mask_logits + logistic_noise((128,), ids.float())) / b.mixer.channel_mask.tau)
-               for b in model.blocks]
-    computed = [int(b.mixer.channel_mask.settle(m).ne(0).sum()) for b, m in zip(model.blocks, samples)]
+    masks = [b.mixer.channel_mask for b in model.blocks]
+    samples = [torch.sigmoid((m.mask_logits + logistic_noise((128,), ids.float())) / m.tau) for m in masks]
+    computed = [int(m.settle(sample).ne(0).sum()) for m, sample in zip(masks, samples)]
     expected = {"all_kept": [128, 128], "odd": [91, 37], "layer_pruned": [77, 0], "adapters": [91, 37]}
     if pattern in expected:
         assert computed == expected[pattern]

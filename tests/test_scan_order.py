@@ -122,6 +122,11 @@ def adapt(model: AdaptiveMambaForCausalLM) -> None:
     with torch.no_grad():
         for m in masked_modules(model).values():
             m.mask_logits.normal_(0.5, 1.0)          # some weights dropped by the hard mask
+    add_adapters(model)
+
+
+def add_adapters(model: AdaptiveMambaForCausalLM) -> None:
+    """LoRA on every projection of layer 0, IA3 on those of layer 1, adapters made non-trivial."""
     kinds = {f"blocks.{i}.mixer.{p}": ("lora" if i == 0 else "ia3") for i in range(2) for p in ALL}
     apply_allocation(model, AllocationDecision(kinds, {k: 0.0 for k in kinds}), HybridPeftConfig(lora_r=4))
     with torch.no_grad():

@@ -193,4 +193,5 @@ def best_path(cost: np.ndarray, n_starts: int = 8, max_passes: int = 50) -> tupl
     return improved, path_cost(cost, greedy), path_cost(cost, improved)
 
 
-__all__ = ["best_path", "correlation", "cost_matrix", "nearest_neighbour_path", "nearest_neighbour_paths", "path_cost", "two_opt"]
+__all__ = ["best_path", "correlation", "cost_matrix", "nearest_neighbour_path", "nearest_neighbour_paths", "path_cost",
+           "two_opt"]

@@ -319,5 +319,6 @@ def apply_scan_order(model: "AdaptiveMambaForCausalLM", decision: ScanOrderDecis
 
 
 __all__ = ["LayerStats", "PermuteOp", "blockwise_path", "ScanOrderDecision", "ScanStatsCollector", "apply_scan_order",
-           "best_path", "correlation", "current_scan_order", "decide_layer", "decide_scan_order", "nearest_neighbour_path",
+           "best_path", "correlation", "current_scan_order", "decide_layer", "decide_scan_order",
+           "nearest_neighbour_path",
            "path_cost", "reorder_block_sizes", "reparametrization_plan", "two_opt"]

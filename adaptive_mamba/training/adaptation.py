@@ -1,9 +1,10 @@
-"""The three pillars inside distributed training: collect, all-reduce, decide on rank 0, broadcast, apply.
+"""The three pillars inside distributed training: collect, all-reduce, decide (rank 0, or the ranks' shares),
+broadcast or exchange, apply.
 
 - Pillar 1 (scan order): every rank's `ScanStatsCollector` accumulates statistics of the scan input;
   every `scan_update_frequency` steps they are all-reduced (float64 sums), the ranks decide the
-  layers' permutations (a share each, then exchanged), and every rank permutes parameters, fp32 master copies and Adam moments
-  through DeepSpeed's safe_get/set API (any ZeRO stage).
+  layers' permutations (a share each, then exchanged), and every rank permutes parameters, fp32 master
+  copies and Adam moments through DeepSpeed's safe_get/set API (any ZeRO stage).
 - Pillar 2 (masks): applied when the model is built; the regulariser runs inside the training forward
   (its mask logits are registered as ZeRO-3 external parameters); the temperature follows the schedule.
 - Pillar 3 (hybrid PEFT): at `first_allocation_step` (0 when fine-tuning: before the first step, so
