@@ -41,7 +41,8 @@ gpu-check: venv
 bench: venv
 	$(PY) bench/profile_step.py
 	$(PY) bench/bench_model.py --lengths 2048 8192
-	$(PY) bench/bench_scan_decision.py
+	$(PY) bench/bench_scan_decision.py --strides 1 4 8 16
+	$(PY) bench/bench_channel_sparse.py
 	$(PY) bench/bench_tokenize.py
 
 clean:

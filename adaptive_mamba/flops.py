@@ -15,7 +15,9 @@ lookup (0); RMSNorm costs 4 per element. The matmul and conv counts equal torch.
 What executes depends on the modules, and a masked or compiled layer says it itself (its `forward_flops`): a
 MaskedLinear at evaluation its executed_flops (gathered or dense), in training the dense matmul plus the mask product
 (2 per weight); a CompactLinear its smaller weight; a mixer with a ChannelMask at evaluation the kept channels only
-(compact mixer); LoRA adds 2 T (in r + r out) + 2 T out (scale, add), IA3 one multiply per scaled feature.
+(compact mixer), in training the channels its hard threshold does not fix at 0 (ChannelMask.training_width; an
+adapter-wrapped projection at full width); LoRA adds 2 T (in r + r out) + 2 T out (scale, add), IA3 one multiply per
+scaled feature.
 
 Training step = forward + backward (+ one more forward of every block under activation checkpointing). Backward:
 each matmul and the conv cost their forward once for the input gradient, and once more for the weight gradient when
@@ -111,14 +113,19 @@ def _count(model: "AdaptiveMambaForCausalLM", seq_len: int, batch: int,
                 add(f"{prefix}.{comp}", 0 if comp == "scan" else batch * value,
                     batch * value if comp == "scan" else 0, False)
             continue
-        comps = mixer_flops(cfg, mixer.d_inner, seq_len)
+        # channel-sparse training: the channels the mask does not fix at 0 (plain projections gathered)
+        width = mask.training_width(mixer) if mask is not None and training else mixer.d_inner
+        comps = mixer_flops(cfg, width, seq_len)
         for proj in PROJECTIONS:
-            mm, adapter, elementwise, trains = _linear(getattr(mixer, proj), T, training)
+            module = getattr(mixer, proj)
+            mm, adapter, elementwise, trains = _linear(module, T, training)
+            if width < mixer.d_inner and type(module) is nn.Linear:
+                mm = batch * comps[proj]
             add(f"{prefix}.{proj}", mm, elementwise, trains)
             if adapter:     # trainable: input and weight gradients, counted as 2x forward
                 add(f"{prefix}.{proj}.adapter", 0, adapter, False)
         add(f"{prefix}.conv", batch * comps["conv"], 0, mixer.conv1d.weight.requires_grad)
-        scan = batch * comps["scan"] + (2 * T * mixer.d_inner if mask is not None else 0)   # u and y times the mask
+        scan = batch * comps["scan"] + (2 * T * width if mask is not None else 0)   # u and y times the mask
         add(f"{prefix}.scan", 0, scan, False)
     add("norm_f", 0, NORM_PER_ELEMENT * T * cfg.d_model, False)
     # training computes the loss only (lm_loss: the seq_len - 1 positions with a next token, never the full logits)

@@ -5,7 +5,9 @@ Every projection (in_proj, x_proj, dt_proj, out_proj) is applied by calling its 
 always take effect and receive gradients. Only the scan (`adaptive_mamba.ops.selective_scan`) and the conv are
 fused: a plain, unhooked `nn.Conv1d` runs as the fused conv + SiLU kernel on the CPU (exactly its computation);
 a wrapped or hooked conv is called as a module. Activations stay (B, L, d_inner) from in_proj to out_proj; the
-scan and the `scan_input` hook see them as (B, d_inner, L) views.
+scan and the `scan_input` hook see them as (B, d_inner, L) views. With a channel mask, training computes only the
+channels whose mask value is not exactly 0 (adaptive_mamba.channel_subset), evaluation runs the compact mixer of the
+kept channels; the hook sees the masked scan input.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from adaptive_mamba.channel_subset import ChannelSubset
 from adaptive_mamba.checkpoint_io import load_model, save_model
 from adaptive_mamba.config import AdaptiveMambaConfig
 from adaptive_mamba.ops import causal_conv1d_silu, selective_scan, selective_state_update
@@ -81,40 +84,46 @@ class MambaMixer(nn.Module):
 
     def forward(self, hidden: Tensor, state: Optional[LayerState] = None) -> tuple[Tensor, Optional[LayerState]]:
         """hidden: (B, L, d_model). With `state`, continue from it and return the new state (in place of it)."""
-        keep = None
+        keep, kept = None, None
         if self.channel_mask is not None:       # channel mask: at evaluation only the kept channels execute
             if not self.training and state is None and self.channel_mask.gathers(self):
                 return self.channel_mask.compact(self)(hidden)
-            keep = self.channel_mask()[:, None]                                  # (d_inner, 1)
+            keep = self.channel_mask()                                           # (d_inner,)
+            if self.training and state is None:  # training computes only the channels whose mask is not exactly 0
+                kept = self.channel_mask.computed_channels(self, keep)
+                keep = keep if kept is None else keep.index_select(0, kept)
+            keep = keep[:, None]
+        part = ChannelSubset(self, kept)        # every channel when kept is None
         length = hidden.shape[1]
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)                           # (B, L, d_inner) views
+        x, z = part.in_proj(hidden).chunk(2, dim=-1)                           # (B, L, d_inner) views
         pad = self.d_conv - 1
         if state is not None:
             conv_in = torch.cat([state.conv.to(x.dtype), x.transpose(1, 2)], dim=-1)
             u = F.silu(self.conv1d(conv_in)[..., pad:pad + length]).transpose(1, 2)
             new_conv = conv_in[..., conv_in.shape[-1] - pad:]
         else:
-            u = causal_conv1d_silu(x, self.conv1d)                              # (B, L, d_inner)
+            u = causal_conv1d_silu(x, self.conv1d, kept)                        # (B, L, d_inner)
         # (B, L, d_inner) activations; the scan and the hook see them as (B, d_inner, L) views, without copies
-        u = self.scan_input(u.transpose(1, 2))
+        u = u.transpose(1, 2)
         if keep is not None:
             u = u * keep.to(u.dtype)
-        x_dbl = self.x_proj(u.transpose(1, 2))                                  # (B, L, dt_rank + 2N)
+        u = part.scan_input(u)
+        x_dbl = part.x_proj(u.transpose(1, 2))                                  # (B, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = self.dt_proj(dt).transpose(1, 2)                                # (B, d_inner, L), bias included
+        delta = part.dt_proj(dt).transpose(1, 2)                                # (B, d_inner, L), bias included
         z = z.transpose(1, 2)
-        A = -torch.exp(self.A_log.float())
+        A, D = -torch.exp(part.per_channel(self.A_log).float()), part.per_channel(self.D)
         if state is not None and length == 1:
             y, ssm = selective_state_update(state.ssm, u[..., 0], F.softplus(delta[..., 0].float()), A, B[:, 0],
-                                            C[:, 0], self.D, z[..., 0])
+                                            C[:, 0], D, z[..., 0])
             y = y[..., None]
         else:
-            y, ssm = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,
+            y, ssm = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D.float(), z,
                                     delta_softplus=True, return_last_state=True,
                                     initial_state=None if state is None else state.ssm)
         if keep is not None:
             y = y * keep.to(y.dtype)
-        out = self.out_proj(y.transpose(1, 2).to(hidden.dtype))
+        out = part.out_proj(y.transpose(1, 2).to(hidden.dtype))
         return out, (None if state is None else LayerState(new_conv, ssm))
 
     def zero_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> LayerState:

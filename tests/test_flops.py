@@ -29,10 +29,10 @@ def torch_sees_the_conv() -> Iterator[None]:
     this applies that rule to every mixer's conv, compact mixers built during the forward included."""
     fused = model_module.causal_conv1d_silu
 
-    def through_the_module(x: torch.Tensor, conv: torch.nn.Conv1d) -> torch.Tensor:
+    def through_the_module(x: torch.Tensor, conv: torch.nn.Conv1d, channels=None) -> torch.Tensor:
         hook = conv.register_forward_hook(lambda *_: None)
         try:
-            return fused(x, conv)
+            return fused(x, conv, channels)
         finally:
             hook.remove()
 
@@ -153,3 +153,29 @@ def test_adapters_are_counted() -> None:
         model(ids)
     lora_mm = 2 * T * (64 * 4 + 4 * 256)
     assert counter.get_total_flops() == sum(count.matmul.values()) + lora_mm
+
+
+def test_channel_sparse_training_counts_the_computed_channels() -> None:
+    """Training with 64 of 128 channels per layer fixed at 0: the counted mixer FLOPs are those of a 64-channel mixer,
+    and every matmul torch executes in the step (forward, input and weight gradients, recomputed logits) is counted."""
+    model = tiny_model()
+    apply_masks(model, MaskConfig(kind="channel"))
+    with torch.no_grad():
+        for m in masked_modules(model).values():
+            m.mask_logits.copy_(torch.tensor([3.0, -6.0]).repeat(64))       # sigmoid(-6) < 0.01: exactly 0
+    model.train()
+    ids = torch.randint(0, 128, (2, 24))
+    count = model_flops(model, seq_len=24, batch=2)
+    half = mixer_flops(model.config, 64, 24)
+    for comp in ("in_proj", "x_proj", "dt_proj", "out_proj", "conv"):
+        assert count.forward[f"blocks.1.mixer.{comp}"] == 2 * half[comp]
+    assert count.forward["blocks.1.mixer.scan"] == 2 * half["scan"] + 2 * 48 * 64      # u and y times the mask
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(ids, labels=ids, return_logits=False).loss.backward()
+    projections = sum(v for k, v in count.matmul.items() if k.startswith("blocks.") and not k.endswith("conv"))
+    head = 2 * 2 * 23 * 64 * 128
+    assert counter.get_total_flops() == 3 * projections + 4 * head
+    dense = tiny_model()
+    apply_masks(dense, MaskConfig(kind="channel", hard_threshold=0.0))
+    assert count.training_step < 0.6 * model_flops(dense.train(), seq_len=24, batch=2).training_step

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from adaptive_mamba import AdaptiveMambaConfig, AdaptiveMambaForCausalLM
 from adaptive_mamba.pillars import (CompactLinear, MaskConfig, MaskedLinear, apply_masks, compile_masks,
@@ -336,3 +337,92 @@ def test_trainer_regulariser_is_mask_regularizer(granularity: str) -> None:
     assert pillars.mask_cfg.sparsity_weight == 0.3 and pillars.mask_cfg.target_sparsity == 0.7
     reg.backward()
     assert all(m.mask_logits.grad is not None for m in masked_modules(model).values())
+
+
+# ------------------------------------------------------------------------------------ channel-sparse training
+def hard_pattern(model: AdaptiveMambaForCausalLM, pattern: str) -> None:
+    """Channel logits for a pattern of hard channels (sigmoid(L) below the 0.01 threshold: exactly 0 in training,
+    above 0.99: exactly 1) among relaxed ones. Odd counts throughout."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            logits = block.mixer.channel_mask.mask_logits
+            logits.copy_(torch.randn(logits.shape, generator=g))               # relaxed (|L| < 4.6 here)
+            order = torch.randperm(logits.numel(), generator=g)
+            if pattern == "all_kept":
+                logits[order[:33]] = 6.0                                        # 33 exactly 1, none 0
+            elif pattern == "odd":
+                logits[order[:37 + 54 * i]] = -6.0                              # 37 / 91 channels dropped
+                logits[order[-9:]] = 6.0
+            elif pattern == "layer_pruned":
+                logits.fill_(-6.0 if i == 1 else 0.0)                           # layer 1 computes nothing
+                logits[order[:51]] = -7.0 if i == 0 else -6.0
+            elif pattern == "annealed":                                         # no threshold: a relaxed sample
+                logits.mul_(6.0)                                                # at tau 0.05 underflows to 0
+
+
+@pytest.mark.parametrize("pattern", ["all_kept", "odd", "layer_pruned", "annealed", "adapters", "checkpointed"])
+def test_channel_sparse_training_equals_dense_masked(pattern: str, monkeypatch) -> None:
+    """Training computes only the channels whose mask is not exactly 0 (the scan runs on fewer channels), and the
+    loss and the gradient of every parameter (mask logits included) equal the dense masked forward's; dropped
+    channels' parameters get exactly zero gradients. The scan-order statistics are the same on both paths; under
+    activation checkpointing the recomputation draws the same noise, so it computes the same channels."""
+    import adaptive_mamba.model as model_module
+    from adaptive_mamba.pillars import ScanStatsCollector
+    from test_scan_order import add_adapters
+
+    model = tiny_model()
+    threshold = 0.0 if pattern == "annealed" else 0.01
+    apply_masks(model, MaskConfig(kind="channel", hard_threshold=threshold))
+    hard_pattern(model, "odd" if pattern in ("adapters", "checkpointed") else pattern)
+    model.config.gradient_checkpointing = pattern == "checkpointed"     # backward recomputes the same channels
+    if pattern == "annealed":
+        set_temperature(model, 0.05)
+    if pattern == "adapters":         # wrapped projections are called as modules at full width
+        add_adapters(model)
+    model.train()
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    widths: list[int] = []
+    scan = model_module.selective_scan
+    monkeypatch.setattr(model_module, "selective_scan",
+                        lambda u, *a, **k: widths.append(u.shape[1]) or scan(u, *a, **k))
+
+    def run(sparse: bool) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
+        for block in model.blocks:
+            block.mixer.channel_mask.sparse_training = sparse
+        collector = ScanStatsCollector(model)
+        collector.enable()
+        torch.manual_seed(11)                  # the same logistic noise on both paths
+        loss = model(ids, labels=ids).loss
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        collector.disable()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, \
+            collector.state_tensors()
+
+    dense_loss, dense_grads, dense_stats = run(False)
+    assert widths[:2] == [128, 128]                  # (then the recomputation in backward, when checkpointed)
+    widths.clear()
+    sparse_loss, sparse_grads, sparse_stats = run(True)
+    torch.manual_seed(11)
+    masks = [b.mixer.channel_mask for b in model.blocks]
+    samples = [torch.sigmoid((m.mask_logits + logistic_noise((128,), ids.float())) / m.tau) for m in masks]
+    computed = [int(m.settle(sample).ne(0).sum()) for m, sample in zip(masks, samples)]
+    expected = {"all_kept": [128, 128], "odd": [91, 37], "layer_pruned": [77, 0], "adapters": [91, 37],
+                "checkpointed": [91, 37]}
+    if pattern in expected:
+        assert computed == expected[pattern]
+    else:
+        assert all(0 < c < 128 for c in computed), computed      # the annealed sample has exact zeros
+    assert widths[:2] == [max(c, 1) for c in computed]           # a fully pruned layer runs one channel, times 0
+    torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-5, atol=1e-5)
+    assert sparse_grads.keys() == dense_grads.keys()
+    for name in dense_grads:
+        torch.testing.assert_close(sparse_grads[name], dense_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+    for mine, ref in zip(sparse_stats, dense_stats):
+        torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
+    if pattern == "odd":
+        dropped = model.blocks[1].mixer.channel_mask.mask_logits.detach() < -4.6
+        grad = sparse_grads["blocks.1.mixer.in_proj.weight"].view(2, 128, -1)
+        assert bool((grad[:, dropped] == 0).all()) and bool((grad[:, ~dropped] != 0).any())
+        assert bool((sparse_grads["blocks.1.mixer.channel_mask.mask_logits"][dropped] == 0).all())

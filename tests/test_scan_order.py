@@ -122,6 +122,11 @@ def adapt(model: AdaptiveMambaForCausalLM) -> None:
     with torch.no_grad():
         for m in masked_modules(model).values():
             m.mask_logits.normal_(0.5, 1.0)          # some weights dropped by the hard mask
+    add_adapters(model)
+
+
+def add_adapters(model: AdaptiveMambaForCausalLM) -> None:
+    """LoRA on every projection of layer 0, IA3 on those of layer 1, adapters made non-trivial."""
     kinds = {f"blocks.{i}.mixer.{p}": ("lora" if i == 0 else "ia3") for i in range(2) for p in ALL}
     apply_allocation(model, AllocationDecision(kinds, {k: 0.0 for k in kinds}), HybridPeftConfig(lora_r=4))
     with torch.no_grad():
@@ -321,3 +326,61 @@ def test_real_text_activations_get_a_cheaper_order(shared_data) -> None:
     for layer in range(2):
         assert decision.cost_after[layer] < 0.95 * decision.cost_identity[layer]
     print(decision.summary())
+
+
+def test_decision_spread_over_ranks_equals_the_single_process_one() -> None:
+    """Each rank decides layers rank, rank + world, ... and the all-gather gives every rank the whole decision,
+    equal to the single-process one (3 ranks as threads with a barrier all-gather; 5 layers, so shares differ)."""
+    import threading
+
+    layers = [block_data(seed=s)[0] for s in range(5)]
+    single = decide_scan_order(layers, step=7).to_dict()
+    world, box, results = 3, [None] * 3, [None] * 3
+    barrier = threading.Barrier(world)
+
+    def rank(r: int) -> None:
+        def exchange(mine):
+            box[r] = mine
+            barrier.wait()
+            return list(box)
+        results[r] = decide_scan_order(layers, step=7, rank=r, world_size=world, exchange=exchange).to_dict()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [single] * world
+    assert [len(part) for part in box] == [2, 2, 1]                  # layers 0 3 | 1 4 | 2
+    with pytest.raises(ValueError, match="needs `exchange`"):
+        decide_scan_order(layers, rank=0, world_size=2)
+
+
+def test_collector_token_stride_reads_every_nth_token_and_refresh_stays_exact() -> None:
+    """token_stride n accumulates tokens 0, n, 2n, ... of each forward (flattened over the batch); the trainer's
+    default stride is what TrainConfig says, and a decision from strided statistics is still an exact refresh."""
+    from adaptive_mamba.training.config import TrainConfig
+
+    model = tiny_model().train()
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = model.blocks[0].mixer.scan_input.register_forward_hook(lambda m, i, u: seen.append(u.detach().clone()))
+    stride = TrainConfig(data_source="stdlib").scan_token_stride
+    collector = ScanStatsCollector(model, token_stride=stride)
+    collector.enable()
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    x = seen[0].transpose(1, 2).reshape(-1, seen[0].shape[1])[::stride].double()
+    s, outer, count = collector.stats[0]
+    assert float(count) == len(range(0, 80, stride)) and stride > 1
+    torch.testing.assert_close(s, x.sum(0))
+    torch.testing.assert_close(outer, x.T @ x)
+    decision = decide_scan_order(collector)
+    model.eval()
+    with torch.no_grad():
+        ref = model(ids).logits
+        apply_scan_order(model, decision, collector=collector)
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="scan_token_stride"):
+        TrainConfig(data_source="stdlib", scan_token_stride=0)

@@ -170,12 +170,19 @@ def _backward_workers(Bm: Tensor) -> int:
     return max(1, min(torch.get_num_threads(), (256 << 20) // max(per_worker, 1)))
 
 
+def _channel_stride_1(t: Tensor) -> Tensor:
+    """t in float32 with the last stride 1, as the conv kernel needs (contiguous() keeps any stride of a size-1
+    dimension, e.g. the 0 of an expanded gradient of one channel)."""
+    t = t.float()
+    return t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+
+
 class _Conv1dSiLUCPU(torch.autograd.Function):
     """Causal depthwise conv1d + SiLU on (b, L, d) activations (the C++ kernel), so the conv needs no transpose."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):  # type: ignore[override]
-        xf = x.float() if x.stride(-1) == 1 else x.float().contiguous()
+        xf = _channel_stride_1(x)
         w = weight.float().reshape(weight.shape[0], -1).contiguous()
         b = _opt(bias, x)
         ctx.save_for_backward(xf, w, b)
@@ -185,20 +192,34 @@ class _Conv1dSiLUCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         xdt, wshape, wdt, has_bias = ctx.meta
-        dout = dout.float() if dout.stride(-1) == 1 else dout.float().contiguous()
+        dout = _channel_stride_1(dout)
         dx, dw, db = _cpu_extension.load().conv1d_silu_bwd(*ctx.saved_tensors, dout)
         return dx.to(xdt), dw.view(wshape).to(wdt), db if has_bias else None
 
 
-def causal_conv1d_silu(x: Tensor, conv: torch.nn.Conv1d) -> Tensor:
+def causal_conv1d_silu(x: Tensor, conv: torch.nn.Conv1d, channels: Optional[Tensor] = None) -> Tensor:
     """silu(conv(x)) for a depthwise causal `conv` (padding d_conv - 1, output cut to L) on x: (b, L, d) -> (b, L, d).
     A plain nn.Conv1d on the CPU that nothing hooks runs as one fused kernel in this layout (exactly the module's
     computation); otherwise (CUDA, float64, a conv wrapped by an adapter or mask, a hook that observes or alters
-    the call) the module itself is called, through a transpose."""
+    the call) the module itself is called, through a transpose.
+
+    `channels` (indices into the conv's channels): x holds only those channels, and a plain conv runs over them
+    only, its weights gathered (their gradients flow into the full parameters); any other conv runs on x placed
+    into zeros at full width, and the result is gathered back."""
     plain = type(conv) is torch.nn.Conv1d and not (conv._forward_hooks or conv._forward_pre_hooks)
+    if channels is not None and not plain:
+        full = x.new_zeros(*x.shape[:-1], conv.in_channels).index_copy(-1, channels, x)
+        return causal_conv1d_silu(full, conv).index_select(-1, channels)
+    weight, bias = conv.weight, conv.bias
+    if channels is not None:
+        weight = weight.index_select(0, channels)
+        bias = None if bias is None else bias.index_select(0, channels)
     if plain and x.device.type == "cpu" and x.dtype != torch.float64 and _cpu_extension.available():
-        return _Conv1dSiLUCPU.apply(x, conv.weight, conv.bias)
-    return F.silu(conv(x.transpose(1, 2))[..., :x.shape[1]]).transpose(1, 2)
+        return _Conv1dSiLUCPU.apply(x, weight, bias)
+    if channels is None:
+        return F.silu(conv(x.transpose(1, 2))[..., :x.shape[1]]).transpose(1, 2)
+    out = F.conv1d(x.transpose(1, 2), weight, bias, padding=conv.padding, groups=weight.shape[0])
+    return F.silu(out[..., :x.shape[1]]).transpose(1, 2)
 
 
 class _SelectiveScanCUDA(torch.autograd.Function):

@@ -70,6 +70,9 @@ class MaskConfig:
     target_sparsity: float = 0.5
     sparsity_weight: float = 1.0
     activation_window: int = 100             # steps of mean mask activation kept per module (pillar 3 importance)
+    hard_threshold: float = 0.01             # channel: in training a channel whose keep probability sigmoid(L) is
+                                             # below it is exactly 0 (not computed: training speeds up), above
+                                             # 1 - it exactly 1 (0: only what the relaxed sample makes exact)
 
     def __post_init__(self) -> None:
         self.targets = check_projections(self.targets, "MaskConfig.targets")
@@ -85,6 +88,8 @@ class MaskConfig:
             raise ValueError(f"temperatures must be > 0, got tau_start={self.tau_start}, tau_end={self.tau_end}")
         if not 0.0 <= self.target_sparsity < 1.0:
             raise ValueError(f"MaskConfig.target_sparsity must be in [0, 1), got {self.target_sparsity}")
+        if not 0.0 <= self.hard_threshold < 0.5:
+            raise ValueError(f"MaskConfig.hard_threshold must be in [0, 0.5), got {self.hard_threshold}")
 
     def side_for(self, proj: str) -> str:
         return D_INNER_SIDE[proj] if self.structured_side == "auto" else self.structured_side
@@ -124,11 +129,15 @@ class MaskLogits:
         """A sample of the relaxed mask sigmoid((L + G) / tau), one value per logit; its mean goes into the
         activation history (pillar 3's "activations" importance)."""
         L = self.mask_logits
-        m = torch.sigmoid((L + logistic_noise(L.shape, L)) / self.tau)
+        m = self.settle(torch.sigmoid((L + logistic_noise(L.shape, L)) / self.tau))
         with torch.no_grad():
             slot = (self.history_count % self.mask_history.numel()).view(1)
             self.mask_history.index_copy_(0, slot, m.detach().float().mean().view(1))
             self.history_count += 1
+        return m
+
+    def settle(self, m: Tensor) -> Tensor:
+        """The relaxed sample as the forward uses it (masks that fix some values override this)."""
         return m
 
     def hard_mask(self) -> Tensor:
@@ -312,7 +321,13 @@ class ChannelMask(MaskLogits, nn.Module):
     training, the hard mask at evaluation. A channel with u = 0 adds nothing to x_proj (its column is inert) and one
     with y = 0 adds nothing to out_proj; everything else of the channel only feeds its own y. So at evaluation the
     mixer instead runs `compact_mixer`, a mixer of the kept channels only (conv, scan and every projection
-    shrink), which equals the dense masked one."""
+    shrink), which equals the dense masked one.
+
+    In training, a channel whose keep probability sigmoid(L) is below `hard_threshold` is exactly 0 (above
+    1 - hard_threshold exactly 1; both without noise, so its logit then learns from the regulariser alone), and the
+    mixer computes only the channels whose value is not exactly 0 (`computed_channels`; a relaxed sample that
+    underflows to 0 counts too): gathered projections, conv and scan over those channels, with the loss and every
+    gradient of the dense masked forward. `sparse_training = False` runs the dense masked forward instead."""
 
     def __init__(self, mixer: nn.Module, cfg: MaskConfig, model_config: Any) -> None:
         super().__init__()
@@ -322,6 +337,8 @@ class ChannelMask(MaskLogits, nn.Module):
         with torch.no_grad():
             self.mask_logits.normal_(cfg.init_logit, cfg.init_std)
         self.kind = "channel"
+        self.hard_threshold = cfg.hard_threshold
+        self.sparse_training = True
         # every mixer weight is indexed by a d_inner channel except out_proj's bias (counted from shapes: ZeRO-3 safe)
         per_channel = sum(p.numel() for n, p in mixer.named_parameters() if n != "out_proj.bias")
         self.weights_per_channel = per_channel // mixer.d_inner
@@ -333,6 +350,37 @@ class ChannelMask(MaskLogits, nn.Module):
 
     def kept_channels(self) -> Tensor:
         return self.hard_mask().nonzero().squeeze(1)
+
+    def settle(self, m: Tensor) -> Tensor:
+        """Channels beyond the hard threshold take their exact value: 0 below it, 1 above 1 - it."""
+        if not self.hard_threshold:
+            return m
+        p = torch.sigmoid(self.mask_logits.detach().float())
+        return m.masked_fill(p < self.hard_threshold, 0.0).masked_fill(p > 1.0 - self.hard_threshold, 1.0)
+
+    def sparse_in_training(self, mixer: nn.Module) -> bool:
+        """Whether training skips channels that are exactly 0: `sparse_training` is on and the weights are not
+        ZeRO-3 partitions (which only their own module gathers)."""
+        return self.sparse_training and not any(hasattr(p, "ds_id") for p in mixer.parameters())
+
+    def training_width(self, mixer: nn.Module) -> int:
+        """Channels a training forward computes at most: those the hard threshold does not fix at 0 (at least 1;
+        a relaxed sample that underflows to 0 removes more), or every channel when training runs dense."""
+        if not self.sparse_in_training(mixer):
+            return self.d_inner
+        return max(1, int((torch.sigmoid(self.mask_logits.detach().float()) >= self.hard_threshold).sum()))
+
+    def computed_channels(self, mixer: nn.Module, m: Tensor) -> Optional[Tensor]:
+        """Indices of the channels a training forward with mask values `m` computes: those not exactly 0 (when
+        every one is 0, channel 0 alone, whose output is then multiplied by 0). None: every channel (none is 0,
+        or not `sparse_in_training`)."""
+        if not self.sparse_in_training(mixer):
+            return None
+        nonzero = m.detach() != 0
+        if bool(nonzero.all()):
+            return None
+        kept = nonzero.nonzero().squeeze(1)
+        return kept if kept.numel() else kept.new_zeros(1)
 
     @staticmethod
     def gathers(mixer: nn.Module) -> bool:

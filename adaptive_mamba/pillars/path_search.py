@@ -10,30 +10,41 @@ neighbours; at moderate width, passes over all pairs then certify a true 2-opt l
 """
 from __future__ import annotations
 
+import bisect
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor
 
 LayerStats = tuple[Tensor, Tensor, Tensor]   # (sum (d,), sum of outer products (d, d), count ()) in float64
 
 
-def correlation(stats: LayerStats) -> np.ndarray:
-    """Pearson correlation matrix from (sum, sum of outer products, count); channels with zero variance get
-    correlation 0 with every other channel."""
-    s, outer, count = (t.detach().cpu().double().numpy() for t in stats)
+def _correlation(stats: LayerStats) -> Tensor:
+    """Pearson correlation (float64) in one d x d buffer, every step in place (the matrices are 18 MiB at d 1536)."""
+    s, outer, count = (t.detach().cpu().double() for t in stats)
     n = float(count)
     if n < 2:
         raise ValueError(f"need statistics of at least 2 tokens to estimate correlations, got {n:.0f}: enable the "
                          "collector and run forward passes first")
     mean = s / n
-    cov = outer / n - np.outer(mean, mean)
-    std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    rho = (outer / n).addr_(mean, mean, alpha=-1.0)                  # covariance
+    std = rho.diagonal().clamp(min=0.0).sqrt()
     live = std > 1e-12 * max(float(std.max()), 1e-300)
-    inv = np.where(live, 1.0 / np.where(live, std, 1.0), 0.0)
-    rho = np.clip(cov * inv[:, None] * inv[None, :], -1.0, 1.0)
-    np.fill_diagonal(rho, 1.0)
-    return rho
+    inv = torch.where(live, 1.0 / torch.where(live, std, 1.0), 0.0)
+    rho.mul_(inv[:, None]).mul_(inv[None, :]).clamp_(-1.0, 1.0)
+    return rho.fill_diagonal_(1.0)
+
+
+def correlation(stats: LayerStats) -> np.ndarray:
+    """Pearson correlation matrix from (sum, sum of outer products, count); channels with zero variance get
+    correlation 0 with every other channel."""
+    return _correlation(stats).numpy()
+
+
+def cost_matrix(stats: LayerStats) -> np.ndarray:
+    """The path search's cost 1 - |rho| between channels (float64), computed in place."""
+    return _correlation(stats).abs_().neg_().add_(1.0).numpy()
 
 
 def path_cost(cost: np.ndarray, order: Sequence[int]) -> float:
@@ -64,16 +75,19 @@ def nearest_neighbour_path(cost: np.ndarray, start: int) -> np.ndarray:
 
 def _disjoint(moves: np.ndarray, gains: np.ndarray, n: int) -> list[tuple[int, int]]:
     """Greedily (largest gain first) the reversals [i, j] whose changed edges and segments do not interact: the
-    closed position ranges [i - 1, j + 1] of two accepted moves share at most an endpoint."""
-    inner = np.zeros(n + 1, dtype=bool)     # positions strictly inside an accepted range
-    ends = np.zeros(n + 1, dtype=bool)      # endpoints of accepted ranges
+    closed position ranges [i - 1, j + 1] of two accepted moves share at most an endpoint, i.e. the open ranges
+    (i - 1, j + 1) are disjoint (checked against the sorted accepted ranges by bisection)."""
+    starts: list[int] = []      # lower ends of the accepted ranges, sorted; ends[k] is the upper end of starts[k]
+    ends: list[int] = []
     accepted = []
-    for m in np.argsort(gains, kind="stable"):
+    for m in np.argsort(gains, kind="stable").tolist():
         i, j = int(moves[m, 0]), int(moves[m, 1])
-        if inner[i - 1:j + 2].any() or ends[i:j + 1].any():
+        lo, hi = i - 1, j + 1
+        k = bisect.bisect_left(starts, lo)
+        if (k > 0 and ends[k - 1] > lo) or (k < len(starts) and starts[k] < hi):
             continue
-        inner[i:j + 1] = True
-        ends[i - 1] = ends[j + 1] = True
+        starts.insert(k, lo)
+        ends.insert(k, hi)
         accepted.append((i, j))
     return accepted
 
@@ -179,4 +193,5 @@ def best_path(cost: np.ndarray, n_starts: int = 8, max_passes: int = 50) -> tupl
     return improved, path_cost(cost, greedy), path_cost(cost, improved)
 
 
-__all__ = ["best_path", "correlation", "nearest_neighbour_path", "nearest_neighbour_paths", "path_cost", "two_opt"]
+__all__ = ["best_path", "correlation", "cost_matrix", "nearest_neighbour_path", "nearest_neighbour_paths", "path_cost",
+           "two_opt"]

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_mamba.pillars.common import D_INNER_SIDE, PROJECTIONS, base_layer
-from adaptive_mamba.pillars.path_search import (LayerStats, best_path, correlation, nearest_neighbour_path,
+from adaptive_mamba.pillars.path_search import (LayerStats, best_path, correlation, cost_matrix, nearest_neighbour_path,
                                                 path_cost, two_opt)
 
 if TYPE_CHECKING:
@@ -135,36 +135,52 @@ def blockwise_path(cost: np.ndarray, block_size: int, n_starts: int = 8, max_pas
     return np.concatenate([inside[k] for k in best_path(between, n_starts, max_passes)[0]])
 
 
+def decide_layer(stats: LayerStats, block_size: int = 1, n_starts: int = 8, max_passes: int = 50,
+                 min_improvement: float = 0.0) -> tuple[list[int], float, float, float]:
+    """One layer's decision (see decide_scan_order): (permutation, identity cost, greedy cost, cost after)."""
+    cost = cost_matrix(stats)
+    d = cost.shape[0]
+    identity_cost = path_cost(cost, np.arange(d))
+    if block_size == 1:
+        order, greedy_cost, after_cost = best_path(cost, n_starts, max_passes)
+    else:
+        order = blockwise_path(cost, block_size, n_starts, max_passes)
+        greedy_cost = path_cost(cost, blockwise_path(cost, block_size, n_starts, 0))
+        after_cost = path_cost(cost, order)
+    if after_cost >= identity_cost * (1.0 - min_improvement):
+        order, after_cost = np.arange(d), identity_cost
+    return order.tolist(), identity_cost, greedy_cost, after_cost
+
+
 def decide_scan_order(source: ScanStatsCollector | Sequence[LayerStats], n_starts: int = 8, max_passes: int = 50,
-                      min_improvement: float = 0.0, step: int = 0,
-                      block_sizes: Optional[Sequence[int]] = None) -> ScanOrderDecision:
+                      min_improvement: float = 0.0, step: int = 0, block_sizes: Optional[Sequence[int]] = None,
+                      rank: int = 0, world_size: int = 1,
+                      exchange: Optional[Callable[[Any], list[Any]]] = None) -> ScanOrderDecision:
     """Decide each layer's order from its statistics (cost 1 - |rho|). A layer keeps its current order unless the
     new path is cheaper by more than `min_improvement` (a fraction of the identity cost). `block_sizes` (per layer,
     default 1 = free; see reorder_block_sizes) keeps runs of that many channels together. cost_greedy is the
-    cost before 2-opt. Deterministic."""
+    cost before 2-opt. Deterministic.
+
+    Spread over ranks (every rank holding the same statistics): rank `rank` of `world_size` decides layers rank,
+    rank + world_size, ...; `exchange` (an all-gather of objects: every rank's object, in rank order) then gives
+    each rank every layer's result, so every rank returns the whole decision, the one a single process decides
+    (each layer's search depends only on that layer's statistics)."""
     stats = source.stats if isinstance(source, ScanStatsCollector) else list(source)
     block_sizes = [1] * len(stats) if block_sizes is None else list(block_sizes)
     if len(block_sizes) != len(stats):
         raise ValueError(f"block_sizes has {len(block_sizes)} entries for {len(stats)} layers")
-    perms, c_id, c_greedy, c_after = [], [], [], []
-    for layer_stats, block_size in zip(stats, block_sizes):
-        cost = 1.0 - np.abs(correlation(layer_stats))
-        d = cost.shape[0]
+    for layer_stats, block_size in zip(stats, block_sizes):     # checked on every rank, before any exchange
+        d = layer_stats[0].shape[0]
         if block_size < 1 or d % block_size:
             raise ValueError(f"block size {block_size} does not divide d_inner {d}: choose a divisor of {d}")
-        identity_cost = path_cost(cost, np.arange(d))
-        if block_size == 1:
-            order, greedy_cost, after_cost = best_path(cost, n_starts, max_passes)
-        else:
-            order = blockwise_path(cost, block_size, n_starts, max_passes)
-            greedy_cost = path_cost(cost, blockwise_path(cost, block_size, n_starts, 0))
-            after_cost = path_cost(cost, order)
-        if after_cost >= identity_cost * (1.0 - min_improvement):
-            order, after_cost = np.arange(d), identity_cost
-        perms.append(order.tolist())
-        c_id.append(identity_cost)
-        c_greedy.append(greedy_cost)
-        c_after.append(after_cost)
+    if world_size > 1 and exchange is None:
+        raise ValueError(f"deciding on {world_size} ranks needs `exchange` (an all-gather of objects across ranks)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in range({world_size})")
+    mine = {i: decide_layer(stats[i], block_sizes[i], n_starts, max_passes, min_improvement)
+            for i in range(rank, len(stats), world_size)}
+    rows = {i: row for part in exchange(mine) for i, row in part.items()} if world_size > 1 else mine
+    perms, c_id, c_greedy, c_after = (list(column) for column in zip(*(rows[i] for i in range(len(stats)))))
     return ScanOrderDecision(perms, c_id, c_greedy, c_after, step)
 
 
@@ -310,5 +326,6 @@ def apply_scan_order(model: "AdaptiveMambaForCausalLM", decision: ScanOrderDecis
 
 
 __all__ = ["LayerStats", "PermuteOp", "blockwise_path", "ScanOrderDecision", "ScanStatsCollector", "apply_scan_order",
-           "best_path", "correlation", "current_scan_order", "decide_scan_order", "nearest_neighbour_path",
-           "path_cost", "permute_parameter", "reorder_block_sizes", "reparametrization_plan", "two_opt"]
+           "best_path", "correlation", "current_scan_order", "decide_layer", "decide_scan_order",
+           "nearest_neighbour_path", "path_cost", "permute_parameter", "reorder_block_sizes", "reparametrization_plan",
+           "two_opt"]

@@ -1,9 +1,10 @@
-"""The three pillars inside distributed training: collect, all-reduce, decide on rank 0, broadcast, apply.
+"""The three pillars inside distributed training: collect, all-reduce, decide (rank 0, or the ranks' shares),
+broadcast or exchange, apply.
 
 - Pillar 1 (scan order): every rank's `ScanStatsCollector` accumulates statistics of the scan input;
-  every `scan_update_frequency` steps they are all-reduced (float64 sums), rank 0 decides the
-  permutation, broadcasts it, and every rank permutes parameters, fp32 master copies and Adam moments
-  through DeepSpeed's safe_get/set API (any ZeRO stage).
+  every `scan_update_frequency` steps they are all-reduced (float64 sums), the ranks decide the
+  layers' permutations (a share each, then exchanged), and every rank permutes parameters, fp32 master
+  copies and Adam moments through DeepSpeed's safe_get/set API (any ZeRO stage).
 - Pillar 2 (masks): applied when the model is built; the regulariser runs inside the training forward
   (its mask logits are registered as ZeRO-3 external parameters); the temperature follows the schedule.
 - Pillar 3 (hybrid PEFT): at `first_allocation_step` (0 when fine-tuning: before the first step, so
@@ -37,10 +38,10 @@ from adaptive_mamba.flops import model_flops
 from adaptive_mamba.pillars.masks import (MaskConfig, MaskedLinear, apply_masks, compile_masks, mask_regularizer,
                                           set_temperature, sparsity_report, temperature_at)
 from adaptive_mamba.pillars.persistence import save_adaptive_model
-from adaptive_mamba.pillars.scan_order import (ScanOrderDecision, ScanStatsCollector, current_scan_order,
+from adaptive_mamba.pillars.scan_order import (ScanStatsCollector, current_scan_order,
                                                decide_scan_order, reorder_block_sizes, reparametrization_plan)
 from adaptive_mamba.training.config import TrainConfig
-from adaptive_mamba.training.distributed import DistContext, all_reduce_sum, broadcast_object
+from adaptive_mamba.training.distributed import DistContext, all_gather_object, all_reduce_sum, broadcast_object
 from adaptive_mamba.training.engine import permute_engine_params, zero_stage
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ class PillarController:
         if not (self.cfg.scan_order and self.cfg.scan_update_frequency):
             return
         previous = self.collector
-        self.collector = ScanStatsCollector(model)
+        self.collector = ScanStatsCollector(model, token_stride=self.cfg.scan_token_stride)
         if previous is not None:
             previous.disable()
             for new, old in zip(self.collector.state_tensors(), previous.state_tensors()):
@@ -142,9 +143,9 @@ class PillarController:
         model = trainer.module.model
         # the plan reads parameter shapes and mask logits: under ZeRO-3 (partitioned) plan on a gathered copy
         plan_model = trainer.full_model() if zero_stage(trainer.ds_config) == 3 else model
-        decision = decide_scan_order(self.collector, step=step, block_sizes=reorder_block_sizes(plan_model)) \
-            if self.ctx.is_main else None
-        decision = ScanOrderDecision.from_dict(broadcast_object(decision.to_dict() if decision else None))
+        # each rank decides a share of the layers; after the exchange every rank holds the whole decision
+        decision = decide_scan_order(self.collector, step=step, block_sizes=reorder_block_sizes(plan_model),
+                                     rank=self.ctx.rank, world_size=self.ctx.world_size, exchange=all_gather_object)
         plan = [(f"model.{op.name}", op.apply) for op in reparametrization_plan(plan_model, decision)]
         permute_engine_params(trainer.engine, plan)
         order = current_scan_order(model)

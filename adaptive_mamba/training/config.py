@@ -68,6 +68,8 @@ class TrainConfig:
     # --- pillar 1: scan order
     scan_order: bool = True
     scan_update_frequency: int = 50         # optimizer steps between scan-order refreshes (0: never)
+    scan_token_stride: int = 8              # the statistics read every n-th token (the hook costs ~1/n of its
+                                            # stride-1 cost; any value keeps the refresh exact)
 
     # --- pillar 2: learned masks
     masking: bool = True
@@ -222,6 +224,7 @@ _NUMERIC_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "warmup_steps": _at_least(0), "weight_decay": _at_least(0), "adam_beta1": _between(0, 1, True),
     "adam_beta2": _between(0, 1, True), "adam_eps": _above(0), "grad_clip": _at_least(0), "num_epochs": _at_least(1),
     "max_steps": _at_least(0), "seed": _at_least(0), "scan_update_frequency": _at_least(0),
+    "scan_token_stride": _at_least(1),
     "mask_block_size": _at_least(1), "masking_tau": _above(0), "masking_tau_final": _above(0),
     "target_sparsity": _between(0, 1, True), "sparsity_weight": _at_least(0), "importance_threshold": _between(0, 1),
     "peft_application_ratio": _between(0, 1), "peft_r": _at_least(1), "peft_alpha": _above(0),
