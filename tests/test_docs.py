@@ -38,7 +38,7 @@ RUNS: dict[str, list[str]] = {
     "--limit 10 --out runs/demo/eval.json": ["--limit", "1", "--max-new-tokens", "4"],
     "python launch/train.py --config configs/demo.yaml train.init_from=runs/demo/export/merged data.dir=runs/demo/data "
     "peft.start_step=0 train.output_dir=runs/demo_finetune":
-        ["train.max_steps=2", "logging.wandb=false", "logging.progress_bar=false"],
+        ["train.max_steps=2", "data.max_mb=0.3", "logging.wandb=false", "logging.progress_bar=false"],
     "python -m data_prep --source folder:../shared/data/books --tokenizer hf:../shared/data/tokenizers/gpt-neox-20b "
     "--out runs/data/books --val-fraction 0.2": ["--max-docs", "5"],
     "TRAIN_DRY_RUN=1 SLURM_JOB_ID=1 SLURM_JOB_NODELIST='gpu[01-04]' SLURM_JOB_NUM_NODES=4 SLURM_NTASKS=32 "
@@ -113,7 +113,8 @@ def check_flags(argv: tuple[str, ...], args: list[str], what: str) -> None:
     for arg in args:
         if re.match(r"^--?[A-Za-z]", arg):
             flag = arg.split("=", 1)[0]
-            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"{what}: {flag} is not in --help"
+            if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text):
+                raise AssertionError(f"{flag} is not in `{' '.join(argv)} --help`")
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,6 +213,8 @@ def check_make(args: list[str], env: dict[str, str], what: str) -> None:
     proc = subprocess.run(["make", "-n", *args], cwd=REPO_ROOT, env={**_env(), **env}, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, f"{what}: make -n failed:\n{proc.stderr}"
+    for script, rest in re.findall(r"\S*python3? (bench/\S+\.py)(.*)$", proc.stdout, re.M):
+        check_script(script, shlex.split(rest), what)     # the benchmarks a target runs take the flags it passes
     if "train" in targets:        # make train runs launch/train.py --config configs/demo.yaml $(TRAIN_ARGS)
         check_train_args(["--config", "configs/demo.yaml", *shlex.split(variables.get("TRAIN_ARGS", ""))], what)
 
@@ -251,8 +254,9 @@ def check_command(tokens: list[str], env: dict[str, str], what: str) -> None:
         check_launcher((str(BIN / "deepspeed"),), args, what)
     elif program in ("sbatch", "bash"):
         check_slurm(args, what)
-    else:
-        check_flags((str(BIN / "lm_eval"),), args, what)
+    else:       # lm_eval: without a subcommand, lm-eval inserts `run`
+        command = args.pop(0) if args and not args[0].startswith("-") else "run"
+        check_flags((str(BIN / "lm_eval"), command), args, what)
 
 
 def split_env(text: str) -> tuple[dict[str, str], list[str]]:
