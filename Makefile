@@ -37,13 +37,20 @@ train: venv
 gpu-check: venv
 	PYTHON=$(PY) bash bench/gpu_check.sh
 
-# CPU benchmarks (minutes; they print the tables of BENCHMARKS.md). Measure on an idle machine.
+# CPU benchmarks: each prints the table of the BENCHMARKS.md section named before it (tens of minutes on 2 cores).
+# Measure on an idle machine. The longer ones (bench_finetune, bench_order_pruning, bench_context_parallel, the
+# study pilot) are run by hand with the commands in BENCHMARKS.md.
+BENCH = echo && echo "== BENCHMARKS.md: $(1)" && $(PY) bench/$(2)
 bench: venv
-	$(PY) bench/profile_step.py
-	$(PY) bench/bench_model.py --lengths 2048 8192
-	$(PY) bench/bench_scan_decision.py --strides 1 4 8 16
-	$(PY) bench/bench_channel_sparse.py
-	$(PY) bench/bench_tokenize.py
+	$(call BENCH,Core model and selective scan,bench_model.py --lengths 2048 8192)
+	$(call BENCH,Data preparation,bench_tokenize.py)
+	$(call BENCH,Evaluation (generation and scoring),bench_generation.py)
+	$(call BENCH,Training (activation checkpointing vs sequence length),bench_train_memory.py)
+	$(call BENCH,Pillars (structured masks at evaluation),bench_masks.py --repeats 60)
+	$(call BENCH,Pillars (scan order on real text),bench_scan_order.py)
+	$(call BENCH,CPU training step (step breakdown),profile_step.py --lengths 2048 8192 --top 12)
+	$(call BENCH,Scan-order decision cost and statistics hook,bench_scan_decision.py --strides 1 4 8 16)
+	$(call BENCH,Channel-sparse training,bench_channel_sparse.py)
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
