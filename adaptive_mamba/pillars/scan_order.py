@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_mamba.pillars.common import D_INNER_SIDE, PROJECTIONS, base_layer
-from adaptive_mamba.pillars.path_search import (LayerStats, best_path, correlation, nearest_neighbour_path,
-                                                path_cost, two_opt)
+from adaptive_mamba.pillars.path_search import (LayerStats, best_path, canonical_cost, correlation,
+                                                nearest_neighbour_path, path_cost, two_opt)
 
 if TYPE_CHECKING:
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
@@ -164,7 +164,7 @@ def decide_scan_order(source: ScanStatsCollector | Sequence[LayerStats], n_start
         raise ValueError(f"block_sizes has {len(block_sizes)} entries for {len(stats)} layers")
     perms, c_id, c_greedy, c_after = [], [], [], []
     for layer_stats, block_size in zip(stats, block_sizes):
-        cost = 1.0 - np.abs(correlation(layer_stats))
+        cost = canonical_cost(1.0 - np.abs(correlation(layer_stats)))      # exact path sums: no noise-made ties
         d = cost.shape[0]
         if block_size < 1 or d % block_size:
             raise ValueError(f"block size {block_size} does not divide d_inner {d}: choose a divisor of {d}")
