@@ -68,8 +68,8 @@ class TrainingRun(Protocol):
         """A plain CPU copy of the current model with full parameters (collective)."""
 
     def permute_parameters(self, plan: Iterable[tuple[str, Callable[[Tensor], Tensor]]]) -> None:
-        """Rewrite each named parameter of the engine's module as fn(parameter), with its fp32 master copy and
-        Adam moments (collective)."""
+        """Rewrite each named parameter of `model` as fn(parameter), with its fp32 master copy and Adam moments
+        (collective)."""
 
     def rebuild_engine(self, model: AdaptiveMambaForCausalLM) -> None:
         """Train `model` from now on, carrying the optimizer state of every surviving parameter (collective)."""
@@ -186,7 +186,7 @@ class PillarController:
         decision = decide_scan_order(self.collector, step=step, block_sizes=reorder_block_sizes(plan_model)) \
             if self.ctx.is_main else None
         decision = ScanOrderDecision.from_dict(broadcast_object(decision.to_dict() if decision else None))
-        plan = [(f"model.{op.name}", op.apply) for op in reparametrization_plan(plan_model, decision)]
+        plan = [(op.name, op.apply) for op in reparametrization_plan(plan_model, decision)]
         run.permute_parameters(plan)
         order = current_scan_order(model)
         self.scan_order = [[o[k] for k in perm] for o, perm in zip(order, decision.perms)]

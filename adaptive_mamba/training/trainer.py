@@ -260,8 +260,9 @@ class Trainer:
         return zero_stage(self.ds_config) == 3
 
     def permute_parameters(self, plan: Iterable[tuple[str, Callable[[Tensor], Tensor]]]) -> None:
-        """engine.permute_engine_params on this run's engine (parameters, fp32 masters, Adam moments; collective)."""
-        permute_engine_params(self.engine, plan)
+        """engine.permute_engine_params for parameters of `model` (named without the objective's "model." prefix):
+        parameters, fp32 masters and Adam moments, at any ZeRO stage (collective)."""
+        permute_engine_params(self.engine, [(f"model.{name}", fn) for name, fn in plan])
 
     @staticmethod
     def _param_count(model: nn.Module, trainable_only: bool) -> int:
