@@ -82,7 +82,8 @@ def test_collector_statistics_and_zero_cost_when_off() -> None:
     assert float(count) == 60
     torch.testing.assert_close(s, x.sum(0))
     torch.testing.assert_close(outer, x.T @ x)
-    np.testing.assert_allclose(correlation(collector.stats[1]), np.corrcoef(x.numpy().T), atol=1e-8)
+    # each forward's sums are rounded to a 2^-24 grid (exact accumulation), ~1e-7 of these 60 tokens' variances
+    np.testing.assert_allclose(correlation(collector.stats[1]), np.corrcoef(x.numpy().T), atol=1e-6)
     tensors = collector.state_tensors()
     assert len(tensors) == 6 and all(t.dtype == torch.float64 for t in tensors)
     with torch.no_grad():
@@ -90,6 +91,30 @@ def test_collector_statistics_and_zero_cost_when_off() -> None:
     assert float(collector.stats[1][2]) == 60
     collector.reset()
     assert all(float(t.abs().sum()) == 0 for t in tensors)
+
+
+def test_statistics_do_not_depend_on_how_batches_are_split() -> None:
+    """One collector over four batches holds bit-for-bit the sum of two collectors over two batches each (one
+    process with accumulation vs two ranks, all-reduced): float64 accumulation alone differs in the last bits, and
+    at a near-tie that flips the scan-order decision."""
+    model = tiny_model()
+    batches = [torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def collect(ids_list):
+        collector = ScanStatsCollector(model)
+        collector.enable()
+        with torch.no_grad():
+            for ids in ids_list:
+                model(ids)
+        collector.disable()
+        return collector.state_tensors()
+
+    whole, rank0, rank1 = collect(batches), collect(batches[0::2]), collect(batches[1::2])
+    for w, a, b in zip(whole, rank0, rank1):
+        assert torch.equal(w, a + b)
+    assert decide_scan_order([tuple(whole[i:i + 3]) for i in range(0, 6, 3)], block_sizes=[8, 8]).perms == \
+        decide_scan_order([tuple((a + b) for a, b in zip(rank0[i:i + 3], rank1[i:i + 3])) for i in range(0, 6, 3)],
+                          block_sizes=[8, 8]).perms
 
 
 def test_decision_round_trips_through_json() -> None:

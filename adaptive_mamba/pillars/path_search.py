@@ -47,6 +47,18 @@ def cost_matrix(stats: LayerStats) -> np.ndarray:
     return _correlation(stats).abs_().neg_().add_(1.0).numpy()
 
 
+COST_GRID_BITS = 32      # path costs are multiples of 2^-32: sums of up to 2^21 edges of cost <= 1 are exact
+
+
+def canonical_cost(cost: np.ndarray) -> np.ndarray:
+    """`cost` made exactly symmetric and rounded to a multiple of 2^-COST_GRID_BITS, so that every path cost is an
+    exact sum (the same in any order of addition). A path and its reverse then cost exactly the same, and such ties
+    go to the lowest index instead of to rounding noise: the decision does not hinge on 1-ulp differences in the
+    statistics (one process vs several ranks, ZeRO stages). Idempotent."""
+    scale = float(2 ** COST_GRID_BITS)          # a power of two: scaling is exact
+    return np.round((cost + cost.T) / 2 * scale) / scale
+
+
 def path_cost(cost: np.ndarray, order: Sequence[int]) -> float:
     """Sum of cost[order[k], order[k+1]] over consecutive positions (an open path)."""
     order = np.asarray(order)
@@ -182,16 +194,18 @@ def two_opt(cost: np.ndarray, order: np.ndarray, max_passes: int = 50, n_neighbo
 
 
 def best_path(cost: np.ndarray, n_starts: int = 8, max_passes: int = 50) -> tuple[np.ndarray, float, float]:
-    """Nearest-neighbour paths from n_starts evenly spaced channels, the cheapest improved by 2-opt.
-    Returns (order, greedy cost, cost after 2-opt)."""
+    """Nearest-neighbour paths from n_starts evenly spaced channels, the cheapest improved by 2-opt, all decided on
+    the canonical cost (exactly symmetric, exact sums). Returns (order, greedy cost, cost after 2-opt) under `cost`."""
     d = cost.shape[0]
+    canon = canonical_cost(cost)
     starts = sorted({int(round(k * d / n_starts)) % d for k in range(max(1, min(n_starts, d)))})
-    paths = nearest_neighbour_paths(cost, starts)
-    costs = cost[paths[:, :-1], paths[:, 1:]].sum(axis=1)
+    paths = nearest_neighbour_paths(canon, starts)
+    costs = canon[paths[:, :-1], paths[:, 1:]].sum(axis=1)
     greedy = paths[int(np.argmin(costs))]
-    improved = two_opt(cost, greedy, max_passes)
+    improved = two_opt(canon, greedy, max_passes)
     return improved, path_cost(cost, greedy), path_cost(cost, improved)
 
 
-__all__ = ["best_path", "correlation", "cost_matrix", "nearest_neighbour_path", "nearest_neighbour_paths", "path_cost",
+__all__ = ["best_path", "canonical_cost", "correlation", "cost_matrix", "nearest_neighbour_path", "nearest_neighbour_paths",
+           "path_cost",
            "two_opt"]

@@ -4,7 +4,10 @@ neighbours; the reorder is an exact reparametrisation (the model's outputs do no
 Collect statistics / decide / apply, so that a distributed caller can all-reduce, broadcast and checkpoint:
 
     c = ScanStatsCollector(model)       per layer float64 running sum of u, sum of u u^T and token count, from a
-    c.enable(); c.disable(); c.reset()  forward hook on mixer.scan_input (no hook, no cost, when disabled)
+                                        forward hook on mixer.scan_input (no hook, no cost, when disabled); each
+                                        forward's sums are rounded to a 2^-24 grid so that accumulation is exact
+                                        (the same statistics whatever the split over ranks and micro-batches)
+    c.enable(); c.disable(); c.reset()
     c.state_tensors()                   the statistics as a flat list of tensors: all-reduce them (SUM) in place
     decide_scan_order(c or stats)       -> ScanOrderDecision: per layer permutation + path costs (identity, greedy
                                         nearest neighbour, after 2-opt); to_dict()/from_dict() are JSON-safe
@@ -38,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_mamba.pillars.common import D_INNER_SIDE, PROJECTIONS, base_layer
-from adaptive_mamba.pillars.path_search import (LayerStats, best_path, correlation, cost_matrix, nearest_neighbour_path,
-                                                path_cost, two_opt)
+from adaptive_mamba.pillars.path_search import (LayerStats, best_path, canonical_cost, correlation, cost_matrix,
+                                                nearest_neighbour_path, path_cost, two_opt)
 
 if TYPE_CHECKING:
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
@@ -91,10 +94,23 @@ class ScanStatsCollector:
             s, outer, count = self.stats[layer]
             with torch.no_grad():
                 x = u.detach().transpose(1, 2).reshape(-1, u.shape[1])[::self.token_stride].to(torch.float64)
-                s.add_(x.sum(0))
-                outer.addmm_(x.T, x)
+                s.add_(_on_grid(x.sum(0)))
+                outer.add_(_on_grid(x.T @ x))
                 count.add_(x.shape[0])
         return hook
+
+
+STATS_GRID_BITS = 24     # statistics are multiples of 2^-24: float64 sums of them are exact below 2^29
+
+
+def _on_grid(t: Tensor) -> Tensor:
+    """`t` rounded to a multiple of 2^-STATS_GRID_BITS. Sums of such values are exact in float64 (while below
+    2^(53 - STATS_GRID_BITS)), so they do not depend on the order of addition: one process accumulating two
+    micro-batches per step and two ranks accumulating one each, then all-reduced, hold bit-identical statistics,
+    and the scan-order decision (a discrete choice that a 1-ulp difference can flip at a near-tie) is the same
+    at every ZeRO stage and world size."""
+    scale = float(2 ** STATS_GRID_BITS)          # a power of two: scaling is exact
+    return torch.round(t * scale).div_(scale)
 
 
 @dataclass
@@ -138,7 +154,7 @@ def blockwise_path(cost: np.ndarray, block_size: int, n_starts: int = 8, max_pas
 def decide_layer(stats: LayerStats, block_size: int = 1, n_starts: int = 8, max_passes: int = 50,
                  min_improvement: float = 0.0) -> tuple[list[int], float, float, float]:
     """One layer's decision (see decide_scan_order): (permutation, identity cost, greedy cost, cost after)."""
-    cost = cost_matrix(stats)
+    cost = canonical_cost(cost_matrix(stats))     # exact path sums: no ties made by rounding noise
     d = cost.shape[0]
     identity_cost = path_cost(cost, np.arange(d))
     if block_size == 1:

@@ -17,12 +17,17 @@ broadcast or exchange, apply.
 
 The model's structure (masks, adapters) is a function of this controller's state, so a checkpoint
 rebuilds it before loading weights.
+
+The controller reaches the training run only through `TrainingRun` (the trainer implements it): the live model,
+a gathered copy, permuting parameters with their optimizer state, rebuilding the engine, the next step's batches.
+It never imports the trainer.
 """
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
 from peft.tuners.ia3 import IA3Layer
@@ -42,12 +47,36 @@ from adaptive_mamba.pillars.scan_order import (ScanStatsCollector, current_scan_
                                                decide_scan_order, reorder_block_sizes, reparametrization_plan)
 from adaptive_mamba.training.config import TrainConfig
 from adaptive_mamba.training.distributed import DistContext, all_gather_object, all_reduce_sum, broadcast_object
-from adaptive_mamba.training.engine import permute_engine_params, zero_stage
-
-if TYPE_CHECKING:
-    from adaptive_mamba.training.trainer import Trainer
 
 SALIENCY_MAX_TOKENS = 8192      # gradient saliency reads at most this many tokens of each sequence (memory bound)
+
+
+class TrainingRun(Protocol):
+    """The operations the pillar controller performs on a training run (implemented by the trainer). The
+    collective ones must be called on every rank."""
+
+    device: torch.device
+
+    @property
+    def model(self) -> AdaptiveMambaForCausalLM:
+        """The engine's live model (its parameters are partitioned when `partitioned`)."""
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether the live model's parameters are partitioned across ranks (ZeRO-3)."""
+
+    def full_model(self) -> AdaptiveMambaForCausalLM:
+        """A plain CPU copy of the current model with full parameters (collective)."""
+
+    def permute_parameters(self, plan: Iterable[tuple[str, Callable[[Tensor], Tensor]]]) -> None:
+        """Rewrite each named parameter of `model` as fn(parameter), with its fp32 master copy and Adam moments
+        (collective)."""
+
+    def rebuild_engine(self, model: AdaptiveMambaForCausalLM) -> None:
+        """Train `model` from now on, carrying the optimizer state of every surviving parameter (collective)."""
+
+    def upcoming_batches(self) -> list[tuple[Tensor, Tensor]]:
+        """This rank's (input_ids, labels) micro-batches of the next optimizer step, on CPU."""
 
 
 class PillarController:
@@ -105,6 +134,18 @@ class PillarController:
                 new.copy_(old)
         self.collector.enable()
 
+    @contextmanager
+    def statistics_paused(self) -> Iterator[None]:
+        """No scan-order statistics inside (evaluation forwards): they come from training batches only."""
+        collector = self.collector if self.collector is not None and self.collector.enabled else None
+        if collector is not None:
+            collector.disable()
+        try:
+            yield
+        finally:
+            if collector is not None:
+                collector.enable()
+
     # ----------------------------------------------------------------------------------- per step
     def regularizer(self, model: AdaptiveMambaForCausalLM) -> Tensor:
         """masks.mask_regularizer (0 without masks): sparsity_weight * |sparsity - target| over the masks."""
@@ -117,15 +158,15 @@ class PillarController:
             set_temperature(model, temperature_at(step, self.mask_cfg))
 
     # --------------------------------------------------------------------------------- refreshes
-    def maybe_refresh(self, trainer: "Trainer", step: int) -> dict[str, Any]:
+    def maybe_refresh(self, run: TrainingRun, step: int) -> dict[str, Any]:
         """Run the refreshes due after optimizer step `step`; returns metrics, tables and log lines."""
         events: dict[str, Any] = {"metrics": {}, "tables": [], "lines": [], "decisions": []}
         freq = self.cfg.scan_update_frequency
         if self.collector is not None and freq and step % freq == 0 and step < self.total_steps:
-            self._refresh_scan(trainer, step, events)
+            self._refresh_scan(run, step, events)
             events["decisions"].append("scan_order")
         if self.peft_cfg is not None and self._allocation_due(step) and step < self.total_steps:
-            self._reallocate(trainer, step, events)
+            self._reallocate(run, step, events)
         return events
 
     def _allocation_due(self, step: int) -> bool:
@@ -136,18 +177,18 @@ class PillarController:
             return True
         return step > first and freq > 0 and (step - first) % freq == 0
 
-    def _refresh_scan(self, trainer: "Trainer", step: int, events: dict[str, Any]) -> None:
+    def _refresh_scan(self, run: TrainingRun, step: int, events: dict[str, Any]) -> None:
         tensors = self.collector.state_tensors()
         for t, total in zip(tensors, all_reduce_sum(tensors)):
             t.copy_(total)
-        model = trainer.module.model
+        model = run.model
         # the plan reads parameter shapes and mask logits: under ZeRO-3 (partitioned) plan on a gathered copy
-        plan_model = trainer.full_model() if zero_stage(trainer.ds_config) == 3 else model
+        plan_model = run.full_model() if run.partitioned else model
         # each rank decides a share of the layers; after the exchange every rank holds the whole decision
         decision = decide_scan_order(self.collector, step=step, block_sizes=reorder_block_sizes(plan_model),
                                      rank=self.ctx.rank, world_size=self.ctx.world_size, exchange=all_gather_object)
-        plan = [(f"model.{op.name}", op.apply) for op in reparametrization_plan(plan_model, decision)]
-        permute_engine_params(trainer.engine, plan)
+        plan = [(op.name, op.apply) for op in reparametrization_plan(plan_model, decision)]
+        run.permute_parameters(plan)
         order = current_scan_order(model)
         self.scan_order = [[o[k] for k in perm] for o, perm in zip(order, decision.perms)]
         model.config.extra["scan_order"] = [list(o) for o in self.scan_order]
@@ -170,10 +211,10 @@ class PillarController:
             self._allocate(model, batches, 0, events)
         return events
 
-    def _reallocate(self, trainer: "Trainer", step: int, events: dict[str, Any]) -> None:
-        model = trainer.full_model().to(trainer.device)                    # collective: gathers every rank
-        self._allocate(model, trainer.upcoming_batches(), step, events)
-        trainer.rebuild_engine(model)                 # under ZeRO-3 this partitions `model`'s parameters
+    def _reallocate(self, run: TrainingRun, step: int, events: dict[str, Any]) -> None:
+        model = run.full_model().to(run.device)                            # collective: gathers every rank
+        self._allocate(model, run.upcoming_batches(), step, events)
+        run.rebuild_engine(model)                     # under ZeRO-3 this partitions `model`'s parameters
 
     def _allocate(self, model: AdaptiveMambaForCausalLM, batches: list[tuple[Tensor, Tensor]], step: int,
                   events: dict[str, Any]) -> None:
@@ -210,20 +251,20 @@ class PillarController:
         apply_allocation(model, AllocationDecision.from_dict(decision), self.peft_cfg)
 
     # ---------------------------------------------------------------------------------- reporting
-    def inspect(self, trainer: "Trainer") -> dict[str, Any]:
+    def inspect(self, run: TrainingRun) -> dict[str, Any]:
         """Per-layer sparsity and trainable share of the current model (for evals); collective."""
         if self.mask_cfg is None:
             return {"metrics": {}, "line": ""}
-        model = trainer.module.model if zero_stage(trainer.ds_config) < 3 else trainer.full_model()
+        model = run.full_model() if run.partitioned else run.model
         report = sparsity_report(model)
         metrics = {"masks/sparsity": report["sparsity"],
                    "masks/executed_flops_ratio": report["executed_flops"] / report["dense_flops"],
                    **{f"masks/{name}": r["sparsity"] for name, r in report["modules"].items()}}
         return {"metrics": metrics, "line": f"mask sparsity {report['sparsity']:.3f}", "report": report}
 
-    def final_report(self, trainer: "Trainer") -> dict[str, Any]:
+    def final_report(self, run: TrainingRun) -> dict[str, Any]:
         """Values and one sentence about the pillars for the run summary (collective)."""
-        model = trainer.full_model()
+        model = run.full_model()
         values: dict[str, Any] = {}
         parts = []
         trainable, total = parameter_counts(model)

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,7 @@ from adaptive_mamba.training.data_setup import check_tokenizer, make_sampler, pr
 from adaptive_mamba.training.distributed import (DistContext, all_gather_object, all_reduce_sum, any_rank, barrier,
                                                  context_parallel_groups)
 from adaptive_mamba.training.engine import (build_engine, full_state_dict, load_ds_config, load_optimizer_state,
-                                            optimizer_state, zero_stage)
+                                            optimizer_state, permute_engine_params, zero_stage)
 from adaptive_mamba.training.monitoring import Monitor, peak_memory_mb, resume_history
 
 EXIT_PREEMPTED = 99
@@ -125,7 +125,9 @@ class Trainer:
     """Set up with a TrainConfig and this process's DistContext; `run()` trains and returns a RunResult.
 
     `stop_requested` is polled after every optimizer step (the launcher sets it from SIGTERM/SIGUSR1);
-    all ranks agree on it, finish the step, save a checkpoint and return status "preempted"."""
+    all ranks agree on it, finish the step, save a checkpoint and return status "preempted".
+    It is the `adaptation.TrainingRun` the pillar controller works on (model, partitioned, full_model,
+    permute_parameters, rebuild_engine, upcoming_batches, device)."""
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, wandb_mode: str = "offline",
                  stop_requested: Callable[[], bool] = lambda: False) -> None:
@@ -248,6 +250,20 @@ class Trainer:
     def module(self) -> TrainingObjective:
         return self.engine.module
 
+    @property
+    def model(self) -> AdaptiveMambaForCausalLM:
+        """The engine's live model (partitioned under ZeRO-3)."""
+        return self.module.model
+
+    @property
+    def partitioned(self) -> bool:
+        return zero_stage(self.ds_config) == 3
+
+    def permute_parameters(self, plan: Iterable[tuple[str, Callable[[Tensor], Tensor]]]) -> None:
+        """engine.permute_engine_params for parameters of `model` (named without the objective's "model." prefix):
+        parameters, fp32 masters and Adam moments, at any ZeRO stage (collective)."""
+        permute_engine_params(self.engine, [(f"model.{name}", fn) for name, fn in plan])
+
     # -------------------------------------------------------------------------------------- the loop
     def _batch(self, micro_index: int) -> dict[str, Tensor]:
         epoch, step = divmod(micro_index, self.micro_per_epoch)
@@ -325,24 +341,19 @@ class Trainer:
         """Mean validation cross-entropy over eval_batches batches per rank (token-weighted across ranks)."""
         if self.val_sampler is None:
             return None
-        collector = self.pillars.collector if self.pillars.collector is not None and self.pillars.collector.enabled \
-            else None
-        if collector is not None:
-            collector.disable()     # scan-order statistics come from training batches only
         self.engine.eval()
         sums = torch.zeros(2, dtype=torch.float64)
         n_steps = min(self.cfg.eval_batches, self.val_sampler.steps_per_epoch(0))
-        for s in range(n_steps):
-            batch = {k: v.to(self.device) for k, v in self.val_sampler.batch_at(s, 0).items()}
-            count = int((batch["labels"][:, 1:] != -100).sum())
-            if count == 0:
-                continue
-            ce, _ = self.engine(batch["input_ids"], batch["labels"])
-            sums += torch.tensor([float(ce) * count, count], dtype=torch.float64)
+        with self.pillars.statistics_paused():     # scan-order statistics come from training batches only
+            for s in range(n_steps):
+                batch = {k: v.to(self.device) for k, v in self.val_sampler.batch_at(s, 0).items()}
+                count = int((batch["labels"][:, 1:] != -100).sum())
+                if count == 0:
+                    continue
+                ce, _ = self.engine(batch["input_ids"], batch["labels"])
+                sums += torch.tensor([float(ce) * count, count], dtype=torch.float64)
         sums = all_reduce_sum([sums])[0]
         self.engine.train()
-        if collector is not None:
-            collector.enable()
         return None if sums[1] == 0 else float(sums[0] / sums[1])
 
     def run(self) -> RunResult:
