@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adaptive_mamba import AdaptiveMambaConfig, AdaptiveMambaForCausalLM
-from adaptive_mamba.chunked import chunked_lm_loss, state_terms
+from adaptive_mamba.chunked import chunked_lm_loss
 from adaptive_mamba.pillars import (AllocationDecision, HybridPeftConfig, MaskConfig, ScanStatsCollector,
                                     apply_allocation, apply_masks)
 
@@ -72,19 +72,7 @@ def test_chunked_loss_and_gradients_equal_one_pass(chunk_len: int) -> None:
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-5 * g.abs().max().item(), msg=name)
     torch.testing.assert_close(nxt, ref_next)            # the RNG advanced as one pass would: the same mask noise
     for a, b in zip(side, ref_side):                     # scan statistics see each token once; buffers as one pass
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
-def test_state_terms_give_the_kernels_final_state() -> None:
-    from adaptive_mamba.ops import selective_scan_ref
-
-    g = torch.Generator().manual_seed(0)
-    u, dt = torch.randn(2, 6, 300, generator=g), torch.rand(2, 6, 300, generator=g) * 0.2
-    A, B = -torch.rand(6, 4, generator=g) * 3, torch.randn(2, 4, 300, generator=g)
-    h0 = torch.randn(2, 6, 4, generator=g)
-    _, ref_last = selective_scan_ref(u, dt, A, B, B, return_last_state=True, initial_state=h0)
-    last_from_zero, decay = state_terms(dt, A, u, B, block=64)
-    torch.testing.assert_close(last_from_zero + decay * h0, ref_last, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
 
 
 def test_bad_chunk_len_is_named() -> None:
