@@ -36,7 +36,7 @@ from adaptive_mamba.ops import causal_conv1d_silu, selective_scan, state_decay
 
 IGNORE_INDEX = -100
 
-ScanFrom = Callable[[Optional[Tensor]], tuple[Tensor, Tensor]]
+ScanFrom = Callable[[Optional[Tensor], bool], tuple[Tensor, Tensor]]
 
 
 # ----------------------------------------------------------------------------------------- mixer step
@@ -50,8 +50,9 @@ class Boundary(ABC):
 
     @abstractmethod
     def scan(self, scan_from: ScanFrom, decay: Callable[[], Tensor]) -> Tensor:
-        """This piece's gated scan output. scan_from(h0) scans the piece from SSM state h0 (None: zero) and returns
-        (output, last state), both differentiable; decay() is the share of an incoming state left at the end."""
+        """This piece's gated scan output. scan_from(h0, gated) scans the piece from SSM state h0 (None: zero) and
+        returns (output, last state), both differentiable (gated=False skips the D skip and the gate, for a
+        scan whose output is not used); decay() is the share of an incoming state left at the end."""
 
 
 def conv_after(conv: nn.Module, x: Tensor, tail: Tensor) -> Tensor:
@@ -75,14 +76,15 @@ def mixer_forward(mixer: MambaMixer, hidden: Tensor, boundary: Boundary) -> Tens
     if keep is not None:
         u = u * keep.to(u.dtype)
     dt_in, B, C = torch.split(mixer.x_proj(u.transpose(1, 2)), [mixer.dt_rank, mixer.d_state, mixer.d_state], -1)
-    delta = mixer.dt_proj(dt_in).transpose(1, 2)                              # (B, d_inner, L), bias included
+    dt = F.softplus(mixer.dt_proj(dt_in).transpose(1, 2).float())          # (B, d_inner, L), once for both scans
     A = -torch.exp(mixer.A_log.float())
 
-    def scan_from(h0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        return selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), mixer.D.float(), z.transpose(1, 2),
-                              delta_softplus=True, return_last_state=True, initial_state=h0)
+    def scan_from(h0: Optional[Tensor], gated: bool = True) -> tuple[Tensor, Tensor]:
+        skip, gate = (mixer.D.float(), z.transpose(1, 2)) if gated else (None, None)
+        return selective_scan(u, dt, A, B.transpose(1, 2), C.transpose(1, 2), skip, gate, return_last_state=True,
+                              initial_state=h0)
 
-    y = boundary.scan(scan_from, lambda: state_decay(F.softplus(delta.float()), A))
+    y = boundary.scan(scan_from, lambda: state_decay(dt, A))
     if keep is not None:
         y = y * keep.to(y.dtype)
     return mixer.out_proj(y.transpose(1, 2).to(hidden.dtype))
@@ -143,7 +145,7 @@ class CarriedState(Boundary):
         return self.conv
 
     def scan(self, scan_from: ScanFrom, decay: Callable[[], Tensor]) -> Tensor:
-        y, self.ssm_out = scan_from(self.ssm)
+        y, self.ssm_out = scan_from(self.ssm, True)
         return y
 
     def outgoing(self) -> LayerState:

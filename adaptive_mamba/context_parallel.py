@@ -100,9 +100,9 @@ class ExchangedState(Boundary):
         return _FromPrevious.apply(x[..., x.shape[-1] - pad:].float().contiguous(), self.group)
 
     def scan(self, scan_from: ScanFrom, decay: Callable[[], Tensor]) -> Tensor:
-        _, last_from_zero = scan_from(None)
+        _, last_from_zero = scan_from(None, False)
         h0 = _StatePrefix.apply(last_from_zero.contiguous(), decay().contiguous(), self.group)
-        return scan_from(h0)[0]
+        return scan_from(h0, True)[0]
 
 
 def context_parallel_loss(model: AdaptiveMambaForCausalLM, input_ids: Tensor, labels: Tensor, group: Any) -> Tensor:
