@@ -139,9 +139,11 @@ class CarriedState(Boundary):
     ssm_out: Optional[Tensor] = None
 
     def conv_tail(self, mixer: MambaMixer, x: Tensor) -> Tensor:
+        # the outgoing tail: the last d_conv - 1 conv inputs up to this chunk's end (a chunk shorter than the tail
+        # passes part of its incoming tail on)
         pad = mixer.d_conv - 1
-        recent = torch.cat([self.conv.to(x.dtype), x[..., max(0, x.shape[-1] - pad):]], dim=-1)   # a short piece
-        self.conv_out = recent[..., recent.shape[-1] - pad:]                                     # keeps some tail
+        recent = torch.cat([self.conv.to(x.dtype), x[..., max(0, x.shape[-1] - pad):]], dim=-1)
+        self.conv_out = recent[..., recent.shape[-1] - pad:]
         return self.conv
 
     def scan(self, scan_from: ScanFrom, decay: Callable[[], Tensor]) -> Tensor:
