@@ -1,20 +1,18 @@
 """Exact training on sequences of any length: chunks that carry the conv and SSM state, with exact gradients.
 
-The selective scan is linear in its state, so one mixer over a piece of the sequence that starts from state h0
-(and conv tail c0) splits into
-    y      = scan(u, delta, A, B, C, D, z; h0 = 0)                   (the fused kernel, from zero)
-           + silu(z_t) * <exp(A * sum_{s<=t} delta_s) * h0, C_t>     (the initial state's contribution)
-    h_last = h_last(from zero) + exp(A * sum delta) * h0,
-    h_last(from zero) = sum_t exp(A * sum_{s>t} delta_s) * delta_t * u_t * B_t.
-Here the last two lines are written in differentiable torch (blocked, rematerialised), so gradients flow into
-h0, c0 and out through h_last: the same mixer step serves within-rank chunking (this module) and context
-parallelism across ranks (`context_parallel.py`), which differ only in where h0 and c0 come from (`Boundary`).
+A mixer over a piece of the sequence continues from the conv tail c0 (the d_conv - 1 inputs before the piece)
+and the SSM state h0 before it. The selective scan takes h0 and returns its last state, with gradients through
+both (`adaptive_mamba.ops.selective_scan`: the C++ kernel on the CPU, the linear state algebra on other devices),
+so the same mixer step serves within-rank chunking (this module: h0 is the previous chunk's last state) and
+context parallelism across ranks (`context_parallel.py`: h0 is assembled from the other ranks' pieces). They
+differ only in where c0 and h0 come from (`Boundary`).
 
 `chunked_lm_loss` is one autograd Function over the whole model. Its forward runs the chunks without a graph
 and keeps only each chunk's incoming boundary states (per layer (B, d_inner, d_state) + (B, d_inner, d_conv-1));
 its backward walks the chunks in reverse, recomputes each from its stored states (leaves), and back-propagates
 the loss gradient plus the state gradients handed back by the next chunk. Memory is one chunk's activations plus
-the boundary states; `engine.backward(loss)` works unchanged (the parameter gradients are returned once).
+the boundary states (with `gradient_checkpointing`, one block's activations of one chunk); `engine.backward(loss)`
+works unchanged (the parameter gradients are returned once).
 
 Every chunk sees the same random draws (mask noise) as a single pass would: the RNG is reset to the state at
 the start of the step before each chunk and each recomputation. Side effects of a forward (module buffers such
@@ -26,7 +24,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,63 +32,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from adaptive_mamba.model import AdaptiveMambaForCausalLM, LayerState, MambaBlock, MambaMixer, lm_loss
-from adaptive_mamba.ops import selective_scan
+from adaptive_mamba.ops import causal_conv1d_silu, selective_scan, state_decay
 
 IGNORE_INDEX = -100
 
-
-# ------------------------------------------------------------------------------------------ state algebra
-def _rematerialised(fn, *args):
-    """fn(*args), keeping only its inputs for backward (recomputed there) when a graph is being built."""
-    return checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
-
-
-def _blocked(fn, length: int, block: int, *args: Tensor) -> list[Tensor]:
-    """fn(slice, *args) for consecutive slices of the time axis, each rematerialised in backward, so the
-    (B, d, block, N) intermediates of one block are the only ones alive."""
-    return [_rematerialised(fn, slice(s, s + block), *args) for s in range(0, length, block)]
-
-
-def _decay(log_decay: Tensor) -> Tensor:
-    """exp(log_decay) with the exponent floored at -60: factors below e^-60 (~1e-26) would otherwise end as
-    denormal floats, on which the CPU's elementwise ops run ~100x slower; the change is far below float32
-    resolution of any output they feed."""
-    return torch.exp(log_decay.clamp(min=-60.0))
-
-
-def _zero_start_last_state(sl: slice, suffix: Tensor, A: Tensor, du: Tensor, B: Tensor) -> Tensor:
-    return torch.einsum("bdtn,bdt,bnt->bdn", _decay(suffix[..., sl, None] * A[:, None]), du[..., sl], B[..., sl])
-
-
-def _initial_state_output(sl: slice, cum: Tensor, A: Tensor, h0: Tensor, C: Tensor) -> Tensor:
-    return torch.einsum("bdtn,bdn,bnt->bdt", _decay(cum[..., sl, None] * A[:, None]), h0, C[..., sl])
-
-
-def state_terms(dt: Tensor, A: Tensor, u: Tensor, B: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
-    """(final state of a scan from zero, total decay exp(A * sum dt)), both (B, d, N) float32 and differentiable.
-    dt: softplus'ed delta (B, d, L) float32; A: (d, N); u: (B, d, L); B: (B, N, L)."""
-    length = dt.shape[-1]
-    incl = torch.flip(torch.cumsum(torch.flip(dt, [-1]), -1), [-1])            # sum_{s>=t}, accurate near the end
-    suffix = torch.cat([incl[..., 1:], torch.zeros_like(incl[..., :1])], -1)   # sum_{s>t}
-    parts = _blocked(_zero_start_last_state, length, block, suffix, A, dt * u.float(), B.float())
-    return torch.stack(parts).sum(0), _decay(incl[..., :1] * A)
-
-
-def initial_state_output(dt: Tensor, A: Tensor, C: Tensor, z: Tensor, h0: Tensor, block: int = 256) -> Tensor:
-    """The initial state's share of the gated scan output, silu(z_t) * <exp(A * sum_{s<=t} dt_s) * h0, C_t>."""
-    cum = torch.cumsum(dt, -1)
-    y = torch.cat(_blocked(_initial_state_output, dt.shape[-1], block, cum, A, h0.float(), C.float()), -1)
-    return y * F.silu(z.float())
-
-
-# The mixer's state algebra from the raw delta, rematerialised as a whole: in backward it keeps only tensors the
-# mixer holds anyway (delta, u, B, C, z), not its (B, d_inner, L) float32 intermediates.
-def _state_terms_of(delta: Tensor, A: Tensor, u: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    return state_terms(F.softplus(delta.float()), A, u, B)
-
-
-def _initial_state_output_of(delta: Tensor, A: Tensor, C: Tensor, z: Tensor, h0: Tensor) -> Tensor:
-    return initial_state_output(F.softplus(delta.float()), A, C, z, h0)
+ScanFrom = Callable[[Optional[Tensor], bool], tuple[Tensor, Tensor]]
 
 
 # ----------------------------------------------------------------------------------------- mixer step
@@ -99,27 +45,49 @@ class Boundary(ABC):
 
     @abstractmethod
     def conv_tail(self, mixer: MambaMixer, x: Tensor) -> Tensor:
-        """The d_conv - 1 conv inputs before this piece, given this piece's conv input x (B, d_inner, L)."""
+        """The d_conv - 1 conv inputs before this piece (B, d_inner, d_conv - 1), given this piece's conv input
+        x (B, d_inner, L)."""
 
     @abstractmethod
-    def initial_state(self, mixer: MambaMixer, last_from_zero: Tensor, decay: Tensor) -> Tensor:
-        """The SSM state before this piece, given this piece's final state from zero and its total decay."""
+    def scan(self, scan_from: ScanFrom, decay: Callable[[], Tensor]) -> Tensor:
+        """This piece's gated scan output. scan_from(h0, gated) scans the piece from SSM state h0 (None: zero) and
+        returns (output, last state), both differentiable (gated=False skips the D skip and the gate, for a
+        scan whose output is not used); decay() is the share of an incoming state left at the end."""
+
+
+def conv_after(conv: nn.Module, x: Tensor, tail: Tensor) -> Tensor:
+    """silu(causal depthwise conv) of x (B, L, d) continuing from the `tail` (B, d, d_conv - 1) of inputs before
+    it, (B, L, d). The fused kernel over the piece from a zero history is exact from position d_conv - 1 on; the
+    first d_conv - 1 positions are recomputed with the tail (a second call of the conv module on d_conv - 1 steps,
+    so any deterministic conv, plain or wrapped by an adapter, gives the one-pass result)."""
+    pad = tail.shape[-1]
+    head = min(pad, x.shape[1])
+    first = conv(torch.cat([tail.to(x.dtype), x[:, :head].transpose(1, 2)], -1))[..., pad:pad + head]
+    return torch.cat([F.silu(first).transpose(1, 2), causal_conv1d_silu(x, conv)[:, head:]], dim=1)
 
 
 def mixer_forward(mixer: MambaMixer, hidden: Tensor, boundary: Boundary) -> Tensor:
-    """MambaMixer.forward on one piece of a sequence, continuing from the states `boundary` supplies, with
-    gradients through those states. Calls the mixer's modules, so masks, adapters and hooks take effect."""
-    length, pad = hidden.shape[1], mixer.d_conv - 1
-    x, z = mixer.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)              # (B, d_inner, L) each
-    conv_in = torch.cat([boundary.conv_tail(mixer, x).to(x.dtype), x], dim=-1)
-    u = mixer.scan_input(F.silu(mixer.conv1d(conv_in)[..., pad:pad + length]))
+    """MambaMixer.forward (training, no cache) on one piece of a sequence, continuing from the states `boundary`
+    supplies, with gradients through them. Calls the mixer's modules, so masks, adapters and hooks take effect;
+    activations stay (B, L, d_inner), as in the one-pass path."""
+    keep = None if mixer.channel_mask is None else mixer.channel_mask()[:, None]          # (d_inner, 1)
+    x, z = mixer.in_proj(hidden).chunk(2, dim=-1)                                         # (B, L, d_inner) views
+    u = conv_after(mixer.conv1d, x, boundary.conv_tail(mixer, x.transpose(1, 2))).transpose(1, 2)
+    if keep is not None:                        # masked before the statistics hook, as in the one-pass mixer
+        u = u * keep.to(u.dtype)
+    u = mixer.scan_input(u)
     dt_in, B, C = torch.split(mixer.x_proj(u.transpose(1, 2)), [mixer.dt_rank, mixer.d_state, mixer.d_state], -1)
-    delta = mixer.dt_proj(dt_in).transpose(1, 2)                              # (B, d_inner, L), bias included
+    dt = F.softplus(mixer.dt_proj(dt_in).transpose(1, 2).float())          # (B, d_inner, L), once for both scans
     A = -torch.exp(mixer.A_log.float())
-    B, C = B.transpose(1, 2), C.transpose(1, 2)
-    y = selective_scan(u, delta, A, B, C, mixer.D.float(), z, delta_softplus=True)
-    h0 = boundary.initial_state(mixer, *_rematerialised(_state_terms_of, delta, A, u, B))
-    y = (y.float() + _rematerialised(_initial_state_output_of, delta, A, C, z, h0)).to(y.dtype)
+
+    def scan_from(h0: Optional[Tensor], gated: bool = True) -> tuple[Tensor, Tensor]:
+        skip, gate = (mixer.D.float(), z.transpose(1, 2)) if gated else (None, None)
+        return selective_scan(u, dt, A, B.transpose(1, 2), C.transpose(1, 2), skip, gate, return_last_state=True,
+                              initial_state=h0)
+
+    y = boundary.scan(scan_from, lambda: state_decay(dt, A))
+    if keep is not None:
+        y = y * keep.to(y.dtype)
     return mixer.out_proj(y.transpose(1, 2).to(hidden.dtype))
 
 
@@ -144,10 +112,14 @@ def target_count(labels: Tensor) -> int:
 def piece_loss_sum(model: AdaptiveMambaForCausalLM, input_ids: Tensor, targets: Tensor,
                    boundaries: list[Boundary]) -> Tensor:
     """Summed next-token cross-entropy of one piece (targets already shifted) with each layer continuing from
-    its boundary. The logits are computed a few thousand positions at a time (`lm_loss`)."""
+    its boundary. The logits are computed a few thousand positions at a time (`lm_loss`); with the model's
+    `gradient_checkpointing`, each block keeps only its input for backward and is recomputed there (with its
+    boundary exchange: every rank recomputes the same blocks in the same order)."""
     h = model.embedding(input_ids)
+    ckpt = model.config.gradient_checkpointing and model.training and torch.is_grad_enabled()
     for block, boundary in zip(model.blocks, boundaries):
-        h = block_forward(block, h, boundary)
+        h = checkpoint(block_forward, block, h, boundary, use_reentrant=False) if ckpt else \
+            block_forward(block, h, boundary)
     hidden = model.norm_f(h.to(model.norm_f.weight.dtype))
     count = int((targets != IGNORE_INDEX).sum())
     if count == 0:
@@ -168,13 +140,16 @@ class CarriedState(Boundary):
     ssm_out: Optional[Tensor] = None
 
     def conv_tail(self, mixer: MambaMixer, x: Tensor) -> Tensor:
-        conv_in = torch.cat([self.conv.to(x.dtype), x], dim=-1)
-        self.conv_out = conv_in[..., conv_in.shape[-1] - (mixer.d_conv - 1):]
+        # the outgoing tail: the last d_conv - 1 conv inputs up to this chunk's end (a chunk shorter than the tail
+        # passes part of its incoming tail on)
+        pad = mixer.d_conv - 1
+        recent = torch.cat([self.conv.to(x.dtype), x[..., max(0, x.shape[-1] - pad):]], dim=-1)
+        self.conv_out = recent[..., recent.shape[-1] - pad:]
         return self.conv
 
-    def initial_state(self, mixer: MambaMixer, last_from_zero: Tensor, decay: Tensor) -> Tensor:
-        self.ssm_out = decay * self.ssm + last_from_zero
-        return self.ssm
+    def scan(self, scan_from: ScanFrom, decay: Callable[[], Tensor]) -> Tensor:
+        y, self.ssm_out = scan_from(self.ssm, True)
+        return y
 
     def outgoing(self) -> LayerState:
         return LayerState(self.conv_out, self.ssm_out)
@@ -283,5 +258,5 @@ def chunked_lm_loss(model: AdaptiveMambaForCausalLM, input_ids: Tensor, labels: 
     return _ChunkedLoss.apply(model, input_ids, labels, chunk_len, *params)
 
 
-__all__ = ["Boundary", "CarriedState", "block_forward", "chunked_lm_loss", "initial_state_output", "mixer_forward",
-           "piece_loss_sum", "shifted_targets", "state_terms", "target_count"]
+__all__ = ["Boundary", "CarriedState", "block_forward", "chunked_lm_loss", "conv_after", "mixer_forward",
+           "piece_loss_sum", "shifted_targets", "target_count"]

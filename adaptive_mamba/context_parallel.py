@@ -2,14 +2,17 @@
 
 Rank r of a context-parallel group of size P holds piece r of every sequence (`piece_bounds`). Layer by layer:
   1. the d_conv - 1 last conv inputs of each piece go to the next rank (all-gather of (B, d_inner, d_conv-1));
-  2. each rank scans its piece from a zero state (the fused kernel) and computes its piece's final state from
-     zero, H_r, and total decay, P_r = exp(A * sum delta) (`chunked.state_terms`);
+  2. each rank scans its piece from a zero state for its piece's final state from zero, H_r (the fused kernel's
+     last state), and takes its total decay, P_r = exp(A * sum delta) (`ops.state_decay`);
   3. one all-gather of (H, P) ((B, d_inner, d_state) each) gives every rank its true initial state by a prefix,
      h0_r = sum_{j<r} (prod_{j<k<r} P_k) H_j, with no rank waiting for another's result;
-  4. each rank adds h0_r's contribution to its outputs, before the gate (`chunked.initial_state_output`).
-The backward is the mirror image: the gradients of the received tails and initial states are all-gathered and
-each rank reads off the gradient of what it sent (the adjoint prefix lambda_q = g_q + P_q * lambda_{q+1} runs
-from the last rank down). Every rank takes part in every exchange, forward and backward, in layer order.
+  4. each rank scans its piece again from h0_r (the fused kernel takes an initial state) for its outputs.
+So each rank scans its piece twice (2 / P of one pass's scan work) and no rank waits on another's scan.
+The backward is the mirror image: the kernel's backward of step 4 gives each rank g_r = dL/dh0_r from its own
+outputs; these are all-gathered and the adjoint prefix lambda_q = g_q + P_q * lambda_{q+1} (from the last rank
+down) gives each rank the gradient of its H_r and P_r, which the backward of step 2 (the kernel's backward with
+a last-state gradient) turns into parameter gradients; the conv tails' gradients go back to their senders. Every
+rank takes part in every exchange, forward and backward, in layer order.
 
 Data-parallel groups are orthogonal: ranks [g * P, (g + 1) * P) form context-parallel group g and read the
 same sequence. `context_parallel_loss` returns this rank's share of the mean cross-entropy (the shares sum to
@@ -22,12 +25,12 @@ Its collectives (tensors on the compute device, on the context-parallel groups) 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from adaptive_mamba.chunked import Boundary, piece_loss_sum, shifted_targets, target_count
+from adaptive_mamba.chunked import Boundary, ScanFrom, piece_loss_sum, shifted_targets, target_count
 from adaptive_mamba.model import AdaptiveMambaForCausalLM, MambaMixer
 from adaptive_mamba.training.distributed import all_gather_tensor, group_rank_and_size
 
@@ -96,8 +99,10 @@ class ExchangedState(Boundary):
                              f"(d_conv - 1 = {pad}): use longer sequences or fewer context-parallel ranks")
         return _FromPrevious.apply(x[..., x.shape[-1] - pad:].float().contiguous(), self.group)
 
-    def initial_state(self, mixer: MambaMixer, last_from_zero: Tensor, decay: Tensor) -> Tensor:
-        return _StatePrefix.apply(last_from_zero.contiguous(), decay.contiguous(), self.group)
+    def scan(self, scan_from: ScanFrom, decay: Callable[[], Tensor]) -> Tensor:
+        _, last_from_zero = scan_from(None, False)
+        h0 = _StatePrefix.apply(last_from_zero.contiguous(), decay().contiguous(), self.group)
+        return scan_from(h0, True)[0]
 
 
 def context_parallel_loss(model: AdaptiveMambaForCausalLM, input_ids: Tensor, labels: Tensor, group: Any) -> Tensor:

@@ -118,9 +118,11 @@ class MambaMixer(nn.Module):
                                             C[:, 0], D, z[..., 0])
             y = y[..., None]
         else:
-            y, ssm = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D.float(), z,
-                                    delta_softplus=True, return_last_state=True,
-                                    initial_state=None if state is None else state.ssm)
+            # the last state only when it is carried on (on CUDA a differentiable one costs the state algebra)
+            scanned = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D.float(), z,
+                                     delta_softplus=True, return_last_state=state is not None,
+                                     initial_state=None if state is None else state.ssm)
+            y, ssm = scanned if state is not None else (scanned, None)
         if keep is not None:
             y = y * keep.to(y.dtype)
         out = part.out_proj(y.transpose(1, 2).to(hidden.dtype))

@@ -99,6 +99,44 @@ def test_long_sequence_bf16_inputs_and_shapes():
     assert rel_err(out.float(), ref) < 1e-2
 
 
+def _from_zero_then_state_algebra(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                                  return_last_state=False, *, initial_state=None):
+    """The CUDA path's composition, run on the CPU: a kernel from zero whose last state has no gradient, then
+    `continue_from_state` (the initial state's share, and the differentiable last state)."""
+    from adaptive_mamba.ops.selective_scan import _prepare_delta, continue_from_state
+
+    out, last = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+    dt = _prepare_delta(delta, delta_bias, delta_softplus)
+    return continue_from_state(out, last.detach(), u, dt, A, B, C, z, initial_state)
+
+
+STATE_IMPLS = {**IMPLS, "zero-start+algebra": _from_zero_then_state_algebra}
+
+
+@pytest.mark.parametrize("impl", STATE_IMPLS)
+def test_gradients_flow_through_initial_and_last_state(impl):
+    """A loss on the output and on the last state: gradients of every input and of the initial state equal the
+    float64 reference's (what chunked training and context parallelism rely on)."""
+    x = make_inputs(length=150)
+    h0 = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(5))
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+    def run(fn, dtype):
+        leaves = {k: v.to(dtype).requires_grad_(True) for k, v in {**{k: x[k] for k in names}, "h0": h0}.items()}
+        out, last = fn(*(leaves[k] for k in names), delta_softplus=True, return_last_state=True,
+                       initial_state=leaves["h0"])
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum() + \
+            (last * torch.linspace(2, -1, last.numel(), dtype=dtype).view_as(last)).sum()
+        loss.backward()
+        return out, last, {k: v.grad for k, v in leaves.items()}
+
+    out_ref, last_ref, g_ref = run(selective_scan_ref, torch.float64)
+    out, last, g = run(STATE_IMPLS[impl], torch.float32)
+    assert rel_err(out, out_ref) <= 1e-5 and rel_err(last, last_ref) <= 1e-5
+    for k, ref in g_ref.items():
+        assert ref.abs().max() > 0 and rel_err(g[k], ref) <= 1e-5, k
+
+
 def test_constant_B_is_rejected_with_a_clear_error():
     x = make_inputs()
     with pytest.raises(ValueError, match="input-dependent B and C"):

@@ -7,7 +7,8 @@ from adaptive_mamba.ops.selective_scan import (
     selective_scan_ref,
     selective_scan_torch,
     selective_state_update,
+    state_decay,
 )
 
 __all__ = ["causal_conv1d_silu", "selective_scan", "selective_scan_ref", "selective_scan_torch",
-           "selective_state_update", "cuda_kernel_available"]
+           "selective_state_update", "state_decay", "cuda_kernel_available"]

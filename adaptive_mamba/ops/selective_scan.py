@@ -7,12 +7,15 @@ u, delta, z: (batch, dim, L); A: (dim, N); B, C: (batch, N, L) or (batch, G, N, 
     delta <- softplus(delta + delta_bias)                       (each step optional)
     h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t    (h: (batch, dim, N), h_{-1} = initial_state or 0)
     y_t    = <h_t, C_t> + D * u_t;   out = y * silu(z)
-Returns out (dtype of u), or (out, last_state) with last_state = h_{L-1} in float32. As in mamba-ssm, no
-gradient flows through last_state (or initial_state). `initial_state` is our extension: it lets a long
-document be processed chunk by chunk with the state carried over (recurrent scoring, generation).
+Returns out (dtype of u), or (out, last_state) with last_state = h_{L-1} in float32. `initial_state` is our
+extension, and so are gradients through both states (mamba-ssm has neither): a long document is processed chunk
+by chunk with the state carried over (recurrent scoring, generation), and trained that way with exact gradients
+(`adaptive_mamba.chunked`, `adaptive_mamba.context_parallel`).
 
-Dispatch: CUDA tensors -> mamba-ssm's compiled `selective_scan_cuda` (imported lazily); CPU float32 ->
-our C++ kernel (JIT-built once, cached); otherwise, or when no compiler is available, a chunked
+Dispatch: CUDA tensors -> mamba-ssm's compiled `selective_scan_cuda` (imported lazily), which starts from zero
+and gives its last state without gradient, so the initial state's share and a differentiable last state come
+from the state algebra below (linear in h); CPU float32 -> our C++ kernel (JIT-built once, cached), which takes
+the initial state and gives both state gradients itself; otherwise, or when no compiler is available, a chunked
 pure-torch scan. `selective_scan_ref` is the plain per-step reference the tests compare against.
 """
 from __future__ import annotations
@@ -65,7 +68,7 @@ def _torch_scan(recurrence, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
     h0 = uc.new_zeros(u.shape[0], dim, A.shape[1]) if initial_state is None else initial_state.to(ct)
     y, h = recurrence(uc, delta, A, Bx, Cx, h0)
     out = _finish(y, uc, None if D is None else D.to(ct), None if z is None else z.to(ct)).to(u.dtype)
-    return (out, h.detach().float()) if return_last_state else out
+    return (out, h.float()) if return_last_state else out
 
 
 def _step_by_step(u: Tensor, delta: Tensor, A: Tensor, Bx: Tensor, Cx: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,7 +138,7 @@ def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
 class _SelectiveScanCPU(torch.autograd.Function):
     """Autograd wrapper of the C++ kernel (delta already biased/softplus'ed; the z gate fused). It takes u, delta
     and z in any strides (no copies for the model's (b, L, d) activations), saves only the inputs, and the
-    backward recomputes the states."""
+    backward recomputes the states. Gradients flow through the initial state h0 and the returned last state."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, h0):  # type: ignore[override]
@@ -145,23 +148,26 @@ class _SelectiveScanCPU(torch.autograd.Function):
         out, last = ext.fwd(*tensors)
         ctx.save_for_backward(*tensors)
         ctx.meta = (B.dim(), C.dim(), B.dtype, C.dtype, u.dtype, delta.dtype, A.dtype, D is not None,
-                    None if z is None else z.dtype)
-        ctx.mark_non_differentiable(last)
+                    None if z is None else z.dtype, None if h0 is None else h0.dtype)
+        ctx.set_materialize_grads(False)       # an unused output (often one of the two) costs no zero tensor
         return out.to(u.dtype), last
 
     @staticmethod
-    def backward(ctx, dout, _dlast):  # type: ignore[override]
-        bdim, cdim, bdt, cdt, udt, ddt, adt, has_d, zdt = ctx.meta
+    def backward(ctx, dout, dlast):  # type: ignore[override]
+        bdim, cdim, bdt, cdt, udt, ddt, adt, has_d, zdt, h0dt = ctx.meta
         tensors = ctx.saved_tensors
+        u = tensors[0]
+        dout = u.new_zeros(()).expand(u.shape) if dout is None else dout.float()
+        dlast = u.new_empty(0) if dlast is None else dlast.float().contiguous()
         workers = _backward_workers(tensors[3])
-        du, ddelta, dA, dB, dC, dD, dz = _cpu_extension.load().bwd(*tensors, dout.float(), workers)
+        du, ddelta, dA, dB, dC, dD, dz, dh0 = _cpu_extension.load().bwd(*tensors, dout, dlast, workers)
 
         def back(g: Tensor, ndim: int, dtype: torch.dtype) -> Tensor:
             g = g.transpose(-1, -2)                                   # (b, G, L, N) -> (b, G, N, L)
             return (g.squeeze(1) if ndim == 3 else g).to(dtype)
 
         return (du.to(udt), ddelta.to(ddt), dA.to(adt), back(dB, bdim, bdt), back(dC, cdim, cdt),
-                dD if has_d else None, None if zdt is None else dz.to(zdt), None)
+                dD if has_d else None, None if zdt is None else dz.to(zdt), None if h0dt is None else dh0.to(h0dt))
 
 
 def _backward_workers(Bm: Tensor) -> int:
@@ -287,21 +293,81 @@ def cuda_kernel_available() -> bool:
     return True
 
 
-def _initial_state_correction(delta: Tensor, A: Tensor, C: Tensor, z: Optional[Tensor], h0: Tensor,
-                              block: int = 512) -> tuple[Tensor, Tensor]:
-    """Contribution of a non-zero initial state, for kernels that start from zero (the recurrence is linear in h):
-    y_t += <exp(A * sum_{s<=t} delta_s) * h0, C_t> (times silu(z_t)); h_last += exp(A * sum delta) * h0."""
-    dim = delta.shape[1]
-    Cx = _expand_groups(C.float(), dim)
-    cum = torch.cumsum(delta.float(), dim=-1)                                   # (b, d, L)
-    ys = []
-    for s in range(0, delta.shape[-1], block):
-        decay = torch.exp(cum[..., s:s + block, None] * A.float()[:, None, :])  # (b, d, T, N)
-        ys.append(torch.einsum("bdtn,bdn,bdnt->bdt", decay, h0.float(), Cx[..., s:s + block]))
-    y = torch.cat(ys, dim=-1)
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y, torch.exp(cum[..., -1:] * A.float()) * h0.float()
+# ------------------------------------------------------------------------------------------ state algebra
+# The recurrence is linear in h, so a scan from h0 is the scan from zero plus h0's share:
+#     y_t    += silu(z_t) * <exp(A * sum_{s<=t} dt_s) * h0, C_t>
+#     h_last  = h_last(from zero) + state_decay(dt, A) * h0,
+#     h_last(from zero) = sum_t exp(A * sum_{s>t} dt_s) * dt_t * u_t * B_t.
+# In differentiable torch, in blocks of the time axis, each rematerialised in backward: the path for a kernel that
+# starts from zero and returns its last state without gradient (mamba-ssm's CUDA kernel).
+def _rematerialised(fn, *args):
+    """fn(*args), keeping only its inputs for backward (recomputed there) when a graph is being built."""
+    return checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
+
+
+def _blocked(fn, length: int, block: int, *args: Tensor) -> list[Tensor]:
+    """fn(slice, *args) for consecutive slices of the time axis, each rematerialised in backward, so the
+    (B, d, block, N) intermediates of one block are the only ones alive."""
+    return [_rematerialised(fn, slice(s, s + block), *args) for s in range(0, length, block)]
+
+
+def _decay(log_decay: Tensor) -> Tensor:
+    """exp(log_decay) with the exponent floored at -60: factors below e^-60 (~1e-26) would otherwise end as
+    denormal floats, on which the CPU's elementwise ops run ~100x slower; the change is far below float32
+    resolution of any output they feed."""
+    return torch.exp(log_decay.clamp(min=-60.0))
+
+
+def state_decay(dt: Tensor, A: Tensor) -> Tensor:
+    """exp(A * sum_t dt_t) (B, d, N) float32: the share of a state entering a scan that is left at its end.
+    dt: softplus'ed delta (B, d, L); A: (d, N)."""
+    return _decay(dt.float().sum(-1)[..., None] * A.float())
+
+
+def _zero_start_last_state(sl: slice, suffix: Tensor, A: Tensor, du: Tensor, B: Tensor) -> Tensor:
+    return torch.einsum("bdtn,bdt,bnt->bdn", _decay(suffix[..., sl, None] * A[:, None]), du[..., sl], B[..., sl])
+
+
+def _initial_state_output(sl: slice, cum: Tensor, A: Tensor, h0: Tensor, C: Tensor) -> Tensor:
+    return torch.einsum("bdtn,bdn,bnt->bdt", _decay(cum[..., sl, None] * A[:, None]), h0, C[..., sl])
+
+
+def _single_group(BC: Tensor) -> Tensor:
+    if BC.dim() == 4 and BC.shape[1] != 1:
+        raise ValueError(f"the state algebra supports one B/C group, got {BC.shape[1]}: scan with the CPU kernel, "
+                         "or pass B and C as (batch, N, L)")
+    return (BC.squeeze(1) if BC.dim() == 4 else BC).float()
+
+
+def zero_start_last_state(dt: Tensor, A: Tensor, u: Tensor, B: Tensor, block: int = 256) -> Tensor:
+    """The last state of a scan from zero, (B, d, N) float32, differentiable. dt: softplus'ed delta (B, d, L)
+    float32; A: (d, N); u: (B, d, L); B: (B, N, L)."""
+    incl = torch.flip(torch.cumsum(torch.flip(dt, [-1]), -1), [-1])            # sum_{s>=t}, accurate near the end
+    suffix = torch.cat([incl[..., 1:], torch.zeros_like(incl[..., :1])], -1)   # sum_{s>t}
+    parts = _blocked(_zero_start_last_state, dt.shape[-1], block, suffix, A.float(), dt * u.float(),
+                     _single_group(B))
+    return torch.stack(parts).sum(0)
+
+
+def initial_state_output(dt: Tensor, A: Tensor, C: Tensor, z: Optional[Tensor], h0: Tensor,
+                         block: int = 256) -> Tensor:
+    """The initial state's share of the (gated) scan output, <exp(A * sum_{s<=t} dt_s) * h0, C_t> (* silu(z_t))."""
+    cum = torch.cumsum(dt, -1)
+    y = torch.cat(_blocked(_initial_state_output, dt.shape[-1], block, cum, A.float(), h0.float(), _single_group(C)),
+                  -1)
+    return y if z is None else y * F.silu(z.float())
+
+
+def continue_from_state(out: Tensor, last: Tensor, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                        z: Optional[Tensor], initial_state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(out, last) of a scan from zero whose last state carries no gradient -> (out, last) of the scan from
+    `initial_state`, with gradients through both states when a graph is being built. dt: softplus'ed delta."""
+    dt = dt.float()
+    if initial_state is not None:
+        out = (out.float() + initial_state_output(dt, A, C, z, initial_state)).to(out.dtype)
+    if torch.is_grad_enabled():
+        last = _rematerialised(zero_start_last_state, dt, A, u, B)
+    return out, last if initial_state is None else last + state_decay(dt, A) * initial_state.float()
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -317,10 +383,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         z = None if z is None else z.to(u.dtype)
         D, delta_bias = (None if t is None else t.float() for t in (D, delta_bias))
         out, last = _SelectiveScanCUDA.apply(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus)
-        if initial_state is not None:
+        if initial_state is not None or (return_last_state and torch.is_grad_enabled()):
             dt = _prepare_delta(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
-            y0, h_extra = _initial_state_correction(dt, A, C, z, initial_state)
-            out, last = (out.float() + y0).to(out.dtype), last + h_extra
+            out, last = continue_from_state(out, last, u, dt, A, B, C, z, initial_state)
         return (out, last) if return_last_state else out
     if u.device.type == "cpu" and u.dtype != torch.float64 and _cpu_extension.available():
         delta = _prepare_delta(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
@@ -353,5 +418,5 @@ def selective_state_update(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B
     return y.to(u.dtype), state
 
 
-__all__ = ["causal_conv1d_silu", "selective_scan", "selective_scan_ref", "selective_scan_torch",
-           "selective_state_update", "cuda_kernel_available"]
+__all__ = ["causal_conv1d_silu", "continue_from_state", "selective_scan", "selective_scan_ref", "selective_scan_torch",
+           "selective_state_update", "state_decay", "cuda_kernel_available"]

@@ -15,6 +15,8 @@
 // values broadcast, so no horizontal reduction is needed in the forward. exp dominates the cost, hence the
 // polynomial exp. The backward recomputes the states instead of storing (B, D, L, N) in the forward: once to
 // keep a state every kChunk steps, then chunk by chunk from the end, so its working set stays in cache.
+// The backward also takes the gradient of the last state (dlast, empty when none) and returns the gradient of
+// the initial state, so a sequence split into pieces gets exact gradients through the states it carries.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -210,6 +212,8 @@ struct Grads {
   Strided du, ddelta, dz;
   float *dB, *dC;      // (B, G, L, N) partial sums of this worker
   double *dA, *dD;     // (D, N), (D,): a channel's rows are owned by the worker that owns its block
+  const float* dlast;  // (B, D, N) gradient of the last state, or nullptr
+  float* dh0;          // (B, D, N) gradient of the initial state (each block writes its own rows)
 };
 
 constexpr int64_t kChunk = 64;  // steps whose states the backward holds at once (stays in L1/L2)
@@ -225,7 +229,16 @@ struct Scratch {
 void backward_block(const Scan& s, const Block& blk, const Strided& dout, Scratch& sc, const Grads& gr) {
   const int64_t N = s.nstate, L = s.len, b = blk.b;
   const int64_t step = N * kK;
-  if (L == 0) return;
+  const int64_t rows = (b * s.dim + blk.d0) * N;  // this block's first (channel, n) entry of a (B, D, N) state
+  // gs = dLoss/dh_t, walked back from the last step: it starts as the last state's gradient
+  float gs[kMaxN][kK];
+  for (int64_t n = 0; n < N; ++n)
+    for (int k = 0; k < kK; ++k) gs[n][k] = (k < blk.nk && gr.dlast) ? gr.dlast[rows + k * N + n] : 0.0f;
+  auto write_dh0 = [&]() {
+    for (int64_t k = 0; k < blk.nk; ++k)
+      for (int64_t n = 0; n < N; ++n) gr.dh0[rows + k * N + n] = gs[n][k];
+  };
+  if (L == 0) return write_dh0();
   float h[kMaxN][kK], dt[kK], uu[kK], y[kK], g[kK], zz[kK];
   // 1. Run the recurrence once, keeping the state at the start of every chunk; the gate's gradient needs y_t.
   std::memcpy(h, blk.h0, sizeof(float) * step);
@@ -247,8 +260,7 @@ void backward_block(const Scan& s, const Block& blk, const Strided& dout, Scratc
   }
 
   // 2. Chunks from the last: recompute the chunk's states and decays, then walk back carrying gs = dLoss/dh_t.
-  float gs[kMaxN][kK], dA_acc[kMaxN][kK], dy[kK], du[kK], ddt[kK];
-  std::memset(gs, 0, sizeof(float) * step);
+  float dA_acc[kMaxN][kK], dy[kK], du[kK], ddt[kK];
   std::memset(dA_acc, 0, sizeof(float) * step);
   double dD_acc[kK] = {0.0};
   const int64_t bg = (b * s.groups + blk.g) * L * N;
@@ -313,6 +325,7 @@ void backward_block(const Scan& s, const Block& blk, const Strided& dout, Scratc
     for (int64_t n = 0; n < N; ++n) gr.dA[(blk.d0 + k) * N + n] += dA_acc[n][k];
     gr.dD[blk.d0 + k] += dD_acc[k];
   }
+  write_dh0();
 }
 
 }  // namespace
@@ -332,14 +345,17 @@ std::vector<torch::Tensor> selective_scan_fwd(torch::Tensor u, torch::Tensor del
   return {out, last};
 }
 
-// Returns du, ddelta, dA, dB, dC, dD, dz (float32; dB/dC as (B, G, L, N); dD / dz empty when absent).
+// Returns du, ddelta, dA, dB, dC, dD, dz, dh0 (float32; dB/dC as (B, G, L, N); dD / dz empty when absent; dh0
+// (B, D, N) always, the initial state's gradient). dlast: (B, D, N) contiguous, or empty.
 // `workers` splits the channel blocks into that many contiguous ranges; each range owns a private (B, G, L, N)
 // accumulator for dB and dC (channels of one group share B and C), summed at the end.
 std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                               torch::Tensor Cm, torch::Tensor Dskip, torch::Tensor z, torch::Tensor h0,
-                                              torch::Tensor dout, int64_t workers) {
+                                              torch::Tensor dout, torch::Tensor dlast, int64_t workers) {
   const Scan s = make_scan(u, delta, A, Bm, Cm, Dskip, z, h0);
   TORCH_CHECK(dout.scalar_type() == torch::kFloat32, "selective_scan_cpu expects a float32 gradient");
+  TORCH_CHECK(!dlast.numel() || (dlast.is_contiguous() && dlast.numel() == s.batch * s.dim * s.nstate),
+              "selective_scan_cpu expects the last state's gradient as a contiguous (B, D, N) tensor");
   workers = std::max<int64_t>(1, std::min<int64_t>(workers, s.blocks()));
   auto du = torch::empty_like(u);
   auto ddelta = torch::empty_like(delta);
@@ -350,6 +366,8 @@ std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor del
   auto f64 = u.options().dtype(torch::kFloat64);
   auto dA = torch::zeros({s.dim, s.nstate}, f64);
   auto dD = torch::zeros({s.dim}, f64);
+  auto dh0 = torch::empty({s.batch, s.dim, s.nstate}, u.options());
+  const float* dl = dlast.numel() ? dlast.data_ptr<float>() : nullptr;
   const Strided go = strided(dout);
   const int64_t part = s.batch * s.groups * s.len * s.nstate;
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
@@ -357,14 +375,15 @@ std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor del
     Scratch scratch(s.len, s.nstate);
     for (int64_t w = begin; w < end; ++w) {
       const Grads gr{strided(du), strided(ddelta), strided(dz), dB_parts.data_ptr<float>() + w * part,
-                     dC_parts.data_ptr<float>() + w * part, dA.data_ptr<double>(), dD.data_ptr<double>()};
+                     dC_parts.data_ptr<float>() + w * part, dA.data_ptr<double>(), dD.data_ptr<double>(), dl,
+                     dh0.data_ptr<float>()};
       const int64_t i0 = w * s.blocks() / workers, i1 = (w + 1) * s.blocks() / workers;
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t b = 0; b < s.batch; ++b) backward_block(s, Block(s, b, i), go, scratch, gr);
     }
   });
   return {du, ddelta, dA.to(torch::kFloat32), dB_parts.sum(0), dC_parts.sum(0),
-          s.Dskip ? dD.to(torch::kFloat32) : torch::empty({0}, u.options()), dz};
+          s.Dskip ? dD.to(torch::kFloat32) : torch::empty({0}, u.options()), dz, dh0};
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -491,7 +510,7 @@ std::vector<torch::Tensor> conv1d_silu_bwd(torch::Tensor x, torch::Tensor w, tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &selective_scan_fwd, "selective scan forward (CPU)");
-  m.def("bwd", &selective_scan_bwd, "selective scan backward (CPU, recomputes states)");
+  m.def("bwd", &selective_scan_bwd, "selective scan backward (CPU, recomputes states; gradients of the initial and last state)");
   m.def("conv1d_silu_fwd", &conv1d_silu_fwd, "causal depthwise conv1d + SiLU forward on (B, L, D) (CPU)");
   m.def("conv1d_silu_bwd", &conv1d_silu_bwd, "causal depthwise conv1d + SiLU backward on (B, L, D) (CPU)");
 }
