@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -84,6 +85,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="best of N runs")
     args = p.parse_args()
     logging.disable(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # build_shards' progress bars would interleave with the table
     import datasets
 
     from adaptive_mamba.tokenizer import load_tokenizer, train_sentencepiece
