@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from adaptive_mamba.data import DataPrepConfig, TokenShards, build_shards
 from adaptive_mamba.data.bulk_encode import BulkEncoder
 from adaptive_mamba.tokenizer import (HFTokenizer, SentencePieceTokenizer, _byte_level_cut_pattern,
                                       _sentencepiece_cut_pattern, load_tokenizer, train_sentencepiece)
@@ -187,3 +188,21 @@ def test_bulk_encoder_without_cuts_encodes_documents_whole(sp_books, tmp_path: P
     assert ids.tolist() == [i for e in expected for i in e]
     with pytest.raises(ValueError, match="chunk_chars and max_pieces must be >= 1"):
         BulkEncoder(sp_books, chunk_chars=0)
+
+
+def test_rebuild_with_another_tokenizer_in_the_same_folder_uses_the_new_one(books: list[str], tmp_path: Path) -> None:
+    """Shard building keeps its encoder (and piece cache) between shards; a tokenizer replaced in place by
+    --overwrite must not be served from that cache."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"d{i}.txt").write_text(books[0][i * 20000:(i + 1) * 20000], encoding="utf-8")
+    base = dict(out_dir=tmp_path / "out", source=f"folder:{corpus}", val_fraction=0.0)
+    build_shards(DataPrepConfig(tokenizer="sentencepiece:400", **base))
+    cfg = DataPrepConfig(tokenizer="sentencepiece:500", overwrite=True, **base)
+    out = build_shards(cfg)
+    tok, shards = load_tokenizer(out / "tokenizer"), TokenShards(out, "train")
+    texts = {d.key: d.text for d in cfg.reader()}
+    assert tok.vocab_size == 500 and len(shards) == 3
+    for i, key in enumerate(shards.doc_keys()):
+        assert shards.doc(i).tolist() == tok.encode(texts[key]), key
