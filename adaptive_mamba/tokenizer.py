@@ -26,7 +26,7 @@ import re
 from abc import ABC, abstractmethod
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 INFO_FILE = "tokenizer_info.json"
 HF_FILE = "tokenizer.json"
@@ -188,8 +188,9 @@ _CUT_BEFORE_WHITESPACE = r"(?<=\S)(?=[\t\n\x0b\x0c\r ])"
 _CANONICAL_FORMS = frozenset({"NFC", "NFD"})
 
 
-def _byte_level_cut_pattern(config: dict, normalize) -> re.Pattern | None:
-    """Safe cuts of a byte-level BPE `tokenizer.json` (GPT-2 family: GPT-NeoX, RoBERTa, ...); None for others.
+def _byte_level_cut_pattern(config: dict, normalize: Callable[[str], str]) -> re.Pattern | None:
+    """Safe cuts of a byte-level BPE `tokenizer.json` (GPT-2 family: GPT-2, GPT-NeoX/Pythia/Mamba); None for others.
+    `config` is the tokenizer's JSON, `normalize` its normalizer (applied to added tokens marked normalized).
 
     The cut is at i where text[i] is ASCII whitespace and text[i-1] is not whitespace. Why the ids cannot change:
     - Canonical Unicode normalisation (NFC/NFD, the only normalizers accepted) never acts across a position

@@ -85,6 +85,23 @@ def sp_map_function(tok_dir: Path) -> Callable[[dict], dict]:
     return lambda batch: {"input_ids": sp.encode(batch["text"], out_type=int)}
 
 
+def compare(texts: list[str], books: Path, tok_dir: Path, tokenize: Callable[[dict], dict], repeat: int) -> None:
+    """Print the table rows of one tokenizer."""
+    from adaptive_mamba.tokenizer import load_tokenizer
+
+    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    tok = load_tokenizer(tok_dir)  # loaded once, outside the timings, like `tokenize`'s tokenizer
+    base, base_cpu, expected = best_of(repeat, lambda: datasets_map(texts, tokenize))
+    print(f"{'route':<44} {'wall':>9} {'text':>11} {'ratio':>6} {'CPU':>8}")
+    print(f"{'datasets.map(batched=True, num_proc=2)':<44} {base:7.2f} s {mb / base:6.2f} MB/s {1:5.2f}x {base_cpu:6.2f} s")
+    for route, run in [("BulkEncoder (tokenise, in memory)", lambda: bulk_encoder(texts, tok)),
+                       ("build_shards (scan, tokenise, write shards)", lambda: build_shards(books, tok_dir))]:
+        seconds, cpu, ids = best_of(repeat, run)
+        same = len(ids) == len(expected) and all(np.array_equal(a, b) for a, b in zip(ids, expected))
+        print(f"{route:<44} {seconds:7.2f} s {mb / seconds:6.2f} MB/s {base / seconds:5.2f}x {cpu:6.2f} s  "
+              f"ids {'equal' if same else 'DIFFER'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--books", type=Path, default=REPO.parent / "shared" / "data" / "books")
@@ -96,7 +113,7 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # build_shards' progress bars would interleave with the table
     import datasets
 
-    from adaptive_mamba.tokenizer import load_tokenizer, train_sentencepiece
+    from adaptive_mamba.tokenizer import train_sentencepiece
 
     datasets.disable_progress_bars()
     paths = sorted(args.books.glob("*.txt"))
@@ -109,17 +126,7 @@ def main() -> None:
         for name, tok_dir, map_function in [(args.tokenizer.name, args.tokenizer, hf_map_function),
                                             ("SentencePiece BPE 8192 (trained on the books)", sp_dir, sp_map_function)]:
             print(f"\ntokenizer: {name}")
-            tokenize, tok = map_function(tok_dir), load_tokenizer(tok_dir)  # loaded once, outside the timings
-            base, base_cpu, expected = best_of(args.repeat, lambda: datasets_map(texts, tokenize))
-            print(f"{'route':<44} {'wall':>9} {'text':>11} {'ratio':>6} {'CPU':>8}")
-            print(f"{'datasets.map(batched=True, num_proc=2)':<44} {base:7.2f} s {mb / base:6.2f} MB/s {1:5.2f}x "
-                  f"{base_cpu:6.2f} s")
-            for route, run in [("BulkEncoder (tokenise, in memory)", lambda: bulk_encoder(texts, tok)),
-                               ("build_shards (scan, tokenise, write shards)", lambda: build_shards(args.books, tok_dir))]:
-                seconds, cpu, ids = best_of(args.repeat, run)
-                same = len(ids) == len(expected) and all(np.array_equal(a, b) for a, b in zip(ids, expected))
-                print(f"{route:<44} {seconds:7.2f} s {mb / seconds:6.2f} MB/s {base / seconds:5.2f}x {cpu:6.2f} s  "
-                      f"ids {'equal' if same else 'DIFFER'}")
+            compare(texts, args.books, tok_dir, map_function(tok_dir), args.repeat)
 
 
 if __name__ == "__main__":

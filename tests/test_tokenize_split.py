@@ -197,7 +197,7 @@ def test_rebuild_with_another_tokenizer_in_the_same_folder_uses_the_new_one(book
     corpus.mkdir()
     for i in range(3):
         (corpus / f"d{i}.txt").write_text(books[0][i * 20000:(i + 1) * 20000], encoding="utf-8")
-    base = dict(out_dir=tmp_path / "out", source=f"folder:{corpus}", val_fraction=0.0)
+    base = {"out_dir": tmp_path / "out", "source": f"folder:{corpus}", "val_fraction": 0.0}
     build_shards(DataPrepConfig(tokenizer="sentencepiece:400", **base))
     cfg = DataPrepConfig(tokenizer="sentencepiece:500", overwrite=True, **base)
     out = build_shards(cfg)
