@@ -228,7 +228,7 @@ def _prepare_tokenizer(cfg: DataPrepConfig, is_val: set[int]) -> Tokenizer:
     return load_tokenizer(tok_dir)
 
 
-_WORKER_ENCODER: dict[tuple[str, str], BulkEncoder] = {}
+_WORKER_ENCODER: dict[str, BulkEncoder] = {}
 
 
 def _worker_init() -> None:
@@ -239,13 +239,9 @@ def _worker_init() -> None:
 def _tokenize_shard(tok_dir: str, stem_path: str, texts: list[str], keys: list[str],
                     dtype: str, meta: dict) -> dict:
     """Tokenise one shard's documents and write .bin, .idx.npy, then the .json marker."""
-    # The process keeps the encoder of its latest tokenizer (known by content: an --overwrite rebuild may put
-    # another one in the same folder), so its cache of distinct pieces carries over to the next shard.
-    key = (tok_dir, meta["tokenizer_sha"])
-    encoder = _WORKER_ENCODER.get(key)
-    if encoder is None:
-        _WORKER_ENCODER.clear()
-        encoder = _WORKER_ENCODER[key] = BulkEncoder(load_tokenizer(tok_dir))
+    encoder = _WORKER_ENCODER.get(tok_dir)
+    if encoder is None:  # one per process and build: its cache of distinct pieces carries over to the next shard
+        encoder = _WORKER_ENCODER[tok_dir] = BulkEncoder(load_tokenizer(tok_dir))
     vocab_size = encoder.tokenizer.vocab_size
     np_dtype = np.dtype(dtype)
     limit = min(vocab_size, np.iinfo(np_dtype).max + 1)
@@ -387,6 +383,9 @@ def _run_shards(cfg: DataPrepConfig, out: Path, todo: dict[str, _ShardSpec],
                 _collect_first(pending, finish)
     finally:
         bar.close()
+        # Forget the in-process encoder: its piece cache is memory, and an --overwrite rebuild may put another
+        # tokenizer in the same folder.
+        _WORKER_ENCODER.clear()
 
 
 def _collect_first(pending: dict[Future, str], finish) -> None:
