@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
+from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 INFO_FILE = "tokenizer_info.json"
 HF_FILE = "tokenizer.json"
@@ -57,6 +59,14 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids` (special tokens are rendered, not skipped)."""
+
+    @property
+    @abstractmethod
+    def cut_pattern(self) -> re.Pattern | None:
+        """A zero-width regex matching places where a text can be cut without changing its ids:
+        `encode(a + b) == encode(a) + encode(b)` whenever `len(a)` is a match position in `a + b`.
+        None when this tokenizer's configuration is not one whose safe cuts are proven here (documents
+        are then encoded whole). `adaptive_mamba.data.bulk_encode` uses it to encode books word by word."""
 
     @abstractmethod
     def _save_files(self, directory: Path) -> str:
@@ -107,13 +117,20 @@ class HFTokenizer(Tokenizer):
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        # The "fast" batch call computes the same ids without character offsets.
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    @cached_property
+    def cut_pattern(self) -> re.Pattern | None:
+        normalizer = self._tok.normalizer
+        return _byte_level_cut_pattern(json.loads(self._tok.to_str()),
+                                       normalizer.normalize_str if normalizer is not None else str)
 
     def _content(self) -> bytes:
         return self._tok.to_str().encode()
@@ -153,12 +170,87 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    @cached_property
+    def cut_pattern(self) -> re.Pattern | None:
+        return _sentencepiece_cut_pattern(self._model_bytes)
+
     def _content(self) -> bytes:
         return self._model_bytes
 
     def _save_files(self, directory: Path) -> str:
         (directory / SP_FILE).write_bytes(self._model_bytes)
         return "sentencepiece"
+
+
+# Cut before an ASCII whitespace character that follows a non-whitespace one. Python's `\S` excludes every
+# Unicode White_Space character (and more), i.e. everything a tokenizer's regex may treat as whitespace.
+_CUT_BEFORE_WHITESPACE = r"(?<=\S)(?=[\t\n\x0b\x0c\r ])"
+_CANONICAL_FORMS = frozenset({"NFC", "NFD"})
+
+
+def _byte_level_cut_pattern(config: dict, normalize: Callable[[str], str]) -> re.Pattern | None:
+    """Safe cuts of a byte-level BPE `tokenizer.json` (GPT-2 family: GPT-2, GPT-NeoX/Pythia/Mamba); None for others.
+    `config` is the tokenizer's JSON, `normalize` its normalizer (applied to added tokens marked normalized).
+
+    The cut is at i where text[i] is ASCII whitespace and text[i-1] is not whitespace. Why the ids cannot change:
+    - Canonical Unicode normalisation (NFC/NFD, the only normalizers accepted) never acts across a position
+      before an ASCII character (ASCII characters are starters that no composition takes as its second
+      character, so composition, decomposition and reordering stay on one side) and never turns a
+      non-whitespace character into whitespace (compatibility forms do: NFKC("\\xa8") == " \\u0308").
+    - Added tokens (`<|endoftext|>`, the runs of spaces) are matched first, leftmost-longest. A match crossing
+      the cut would contain a non-space followed by ASCII whitespace; no accepted token does (checked, also
+      in normalised form), and lstrip/rstrip tokens (which swallow neighbouring whitespace) are refused. So the
+      same tokens are found in both halves as in the whole, and the cut coincides with a segment boundary or
+      lies inside one segment.
+    - Inside a segment the ByteLevel regex `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|
+      \\s+(?!\\S)|\\s+` splits the text. A match holding a non-whitespace character never continues into
+      whitespace after it (only a leading space is optional), so a match starts at the cut. Every alternative
+      tried before the cut stops at text[i] exactly as at the end of the string (whitespace ends each
+      non-space class and fails each contraction; the `(?!\\S)` look-ahead only follows a whitespace run, which
+      ends before text[i-1]); matching from the cut on reads only what follows. The pre-tokens are identical.
+    - The BPE model (no dropout), like any model, encodes each pre-token alone. Truncation/padding are refused.
+    """
+    norm = config.get("normalizer")
+    norms = [] if norm is None else norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    pre = config.get("pre_tokenizer") or {}
+    if (any(n.get("type") not in _CANONICAL_FORMS for n in norms)
+            or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") is not False
+            or pre.get("use_regex", True) is not True or config["model"].get("dropout")
+            or config.get("truncation") is not None or config.get("padding") is not None):
+        return None
+    for token in config.get("added_tokens", []):
+        forms = [token["content"]] + ([normalize(token["content"])] if token.get("normalized") else [])
+        if token.get("lstrip") or token.get("rstrip") or any(re.search(r"\S[\t\n\x0b\x0c\r ]", f) for f in forms):
+            return None
+    return re.compile(_CUT_BEFORE_WHITESPACE)
+
+
+def _sentencepiece_cut_pattern(model_bytes: bytes) -> re.Pattern | None:
+    """Safe cuts of a SentencePiece BPE model without dummy prefix or whitespace folding (what
+    `train_sentencepiece` writes); None for other models (unigram, Llama-style dummy prefix, custom rules).
+
+    The cut is at i where text[i] is ASCII whitespace c and text[i-1] is neither whitespace nor "▁", for each c
+    the vocabulary makes a barrier. With the identity normaliser, no dummy prefix and no whitespace removal,
+    normalising is per character (" " -> "▁"), so it commutes with the cut. SentencePiece BPE then merges two
+    adjacent symbols only when their concatenation is a vocabulary piece, always the best-scored pair first
+    (ties: leftmost). If no piece contains text[i-1] followed by c, no symbol ever spans the cut, and the merges
+    on each side are the ones that side makes alone, in the same relative order. " " is a barrier when no piece
+    has a non-"▁" character followed by "▁"; another whitespace character when no piece but itself contains it.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    model = sp_pb2.ModelProto()
+    model.ParseFromString(model_bytes)
+    norm, trainer = model.normalizer_spec, model.trainer_spec
+    if (trainer.model_type != sp_pb2.TrainerSpec.BPE or norm.add_dummy_prefix or norm.remove_extra_whitespaces
+            or norm.precompiled_charsmap or trainer.treat_whitespace_as_suffix):
+        return None
+    pieces = [p.piece.replace(" ", "\u2581") for p in model.pieces]
+    barriers = "" if any(re.search("[^\u2581]\u2581", p) for p in pieces) else " "
+    barriers += "".join(c for c in "\t\n\x0b\x0c\r" if not any(c in p and p != c for p in pieces))
+    if not barriers:
+        return None
+    return re.compile(rf"(?<=[^\s\u2581])(?=[{re.escape(barriers)}])")
 
 
 def _token_content(value) -> str | None:

@@ -32,6 +32,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from adaptive_mamba.data.bulk_encode import BulkEncoder
 from adaptive_mamba.data.sources import Document, DocumentReader
 from adaptive_mamba.fileio import file_sha256
 from adaptive_mamba.tokenizer import INFO_FILE, Tokenizer, load_tokenizer, train_sentencepiece
@@ -39,7 +40,6 @@ from adaptive_mamba.tokenizer import INFO_FILE, Tokenizer, load_tokenizer, train
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-_ENCODE_CHUNK_BYTES = 1 << 20  # tokenise ~1 MB of text at a time, then convert to numpy
 
 
 @dataclass
@@ -228,7 +228,7 @@ def _prepare_tokenizer(cfg: DataPrepConfig, is_val: set[int]) -> Tokenizer:
     return load_tokenizer(tok_dir)
 
 
-_WORKER_TOKENIZER: dict[str, Tokenizer] = {}
+_WORKER_ENCODER: dict[str, BulkEncoder] = {}
 
 
 def _worker_init() -> None:
@@ -239,29 +239,24 @@ def _worker_init() -> None:
 def _tokenize_shard(tok_dir: str, stem_path: str, texts: list[str], keys: list[str],
                     dtype: str, meta: dict) -> dict:
     """Tokenise one shard's documents and write .bin, .idx.npy, then the .json marker."""
-    tok = _WORKER_TOKENIZER.get(tok_dir)
-    if tok is None:
-        tok = _WORKER_TOKENIZER[tok_dir] = load_tokenizer(tok_dir)
+    encoder = _WORKER_ENCODER.get(tok_dir)
+    if encoder is None:  # one per process and build: its cache of distinct pieces carries over to the next shard
+        encoder = _WORKER_ENCODER[tok_dir] = BulkEncoder(load_tokenizer(tok_dir))
+    vocab_size = encoder.tokenizer.vocab_size
     np_dtype = np.dtype(dtype)
-    limit = min(tok.vocab_size, np.iinfo(np_dtype).max + 1)
+    limit = min(vocab_size, np.iinfo(np_dtype).max + 1)
     stem = Path(stem_path)
     lengths = np.zeros(len(texts), dtype=np.int64)
     tmp_bin = stem.with_name(stem.name + ".bin.tmp")
     with tmp_bin.open("wb") as out:
-        start = 0
-        while start < len(texts):  # batches of ~1 MB of text
-            stop, size = start, 0
-            while stop < len(texts) and (stop == start or size < _ENCODE_CHUNK_BYTES):
-                size += len(texts[stop])
-                stop += 1
-            for j, ids in enumerate(tok.encode_batch(texts[start:stop]), start=start):
-                arr = np.asarray(ids, dtype=np.int64)
-                if arr.size and (arr.min() < 0 or arr.max() >= limit):
-                    raise ValueError(f"{keys[j]}: token id {int(arr.max())} does not fit (vocab "
-                                     f"{tok.vocab_size}, dtype {dtype}); no shard was written")
-                lengths[j] = arr.size
-                out.write(arr.astype(np_dtype).tobytes())
-            start = stop
+        for ids, seg_doc, seg_len in encoder.iter_encode(texts):
+            bad = (ids < 0) | (ids >= limit)
+            if bad.any():
+                j = seg_doc[np.searchsorted(np.cumsum(seg_len), int(np.argmax(bad)), side="right")]
+                raise ValueError(f"{keys[j]}: token id {int(ids[bad][0])} does not fit (vocab "
+                                 f"{vocab_size}, dtype {dtype}); no shard was written")
+            np.add.at(lengths, seg_doc, seg_len)
+            ids.astype(np_dtype).tofile(out)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     bin_path = stem.with_name(stem.name + ".bin")
     os.replace(tmp_bin, bin_path)
@@ -388,6 +383,9 @@ def _run_shards(cfg: DataPrepConfig, out: Path, todo: dict[str, _ShardSpec],
                 _collect_first(pending, finish)
     finally:
         bar.close()
+        # Forget the in-process encoder: its piece cache is memory, and an --overwrite rebuild may put another
+        # tokenizer in the same folder.
+        _WORKER_ENCODER.clear()
 
 
 def _collect_first(pending: dict[Future, str], finish) -> None:
