@@ -23,9 +23,10 @@ num_workers=2)`` for a `torch.utils.data.DataLoader` that prefetches in worker p
 ``train.tokenizer()`` loads the tokenizer saved next to the shards.
 """
 from adaptive_mamba.data.loader import IGNORE_INDEX, LongSequenceDataset, WindowSampler, make_dataloader
-from adaptive_mamba.data.shards import CorruptShardError, DataPrepConfig, TokenShards, build_shards, token_dtype_for
+from adaptive_mamba.data.shards import (CorruptShardError, DataConfig, DataPrepConfig, TokenShards, build_shards,
+                                      token_dtype_for)
 from adaptive_mamba.data.sources import Document, DocumentReader, SkipStats, split_wikitext_articles
 
-__all__ = ["CorruptShardError", "DataPrepConfig", "build_shards", "TokenShards", "token_dtype_for", "WindowSampler",
+__all__ = ["CorruptShardError", "DataConfig", "DataPrepConfig", "build_shards", "TokenShards", "token_dtype_for", "WindowSampler",
            "LongSequenceDataset", "make_dataloader", "IGNORE_INDEX", "Document", "DocumentReader",
            "SkipStats", "split_wikitext_articles"]
