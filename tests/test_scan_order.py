@@ -218,13 +218,10 @@ def test_block_logits_follow_block_aligned_permutations_exactly() -> None:
 
 
 def masked_tiny_model(kind: str) -> AdaptiveMambaForCausalLM:
-    """The trainer's default masks (block size 8 on in_proj, x_proj, out_proj) or another kind, learned-looking
+    """The default masks (MaskConfig: block size 8 on in_proj, x_proj, out_proj) or another kind, learned-looking
     logits of both signs."""
-    from adaptive_mamba.training.config import TrainConfig
-
-    defaults = TrainConfig(data_source="stdlib")
     model = tiny_model()
-    apply_masks(model, MaskConfig(kind=kind, block_size=defaults.mask_block_size, targets=defaults.mask_target_list))
+    apply_masks(model, MaskConfig(kind=kind))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for m in masked_modules(model).values():

@@ -426,13 +426,13 @@ def apply_masks(model: "AdaptiveMambaForCausalLM", cfg: MaskConfig) -> dict[str,
 
 def temperature_at(step: int, cfg: MaskConfig) -> float:
     """tau at `step`: from tau_start to tau_end over anneal_steps (then constant), following cfg.schedule."""
+    if cfg.schedule == "constant":
+        return cfg.tau_start
     if cfg.anneal_steps is None:
         raise ValueError("MaskConfig.anneal_steps is None: set the number of annealing steps (training sets the "
                          "run's optimizer steps)")
     t = min(max(step, 0), cfg.anneal_steps) / cfg.anneal_steps
     a, b = cfg.tau_start, cfg.tau_end
-    if cfg.schedule == "constant":
-        return a
     if cfg.schedule == "linear":
         return a + (b - a) * t
     if cfg.schedule == "exponential":

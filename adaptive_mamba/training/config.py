@@ -22,7 +22,7 @@ import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Iterator, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -355,7 +355,8 @@ def _override_entries(pairs: list[str]) -> Iterator[tuple[str, str, str]]:
     _warn_renamed(renamed, "command line: ")
 
 
-def _nested(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def nest(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{'masks.block_size': 8} -> {'masks': {'block_size': 8}}: dotted keys as the nested YAML of a config file."""
     tree: dict[str, dict[str, Any]] = {}
     for dotted, value in flat.items():
         section, name = dotted.split(".", 1)
@@ -384,10 +385,10 @@ def load_train_config(path: Optional[str | Path] = None, overrides: Optional[lis
         _warn_renamed(renamed, where)
     entries = list(_override_entries(overrides or []))
     typed.update({dotted: (name, "command line: ") for dotted, name, _ in entries})
-    merged = OmegaConf.merge(OmegaConf.create(_nested(from_file)),
+    merged = OmegaConf.merge(OmegaConf.create(nest(from_file)),
                              OmegaConf.from_dotlist([f"{dotted}={text}" for dotted, _, text in entries]))
     values = {key: _coerce(key, value, typed[key]) for key, value in _flatten(OmegaConf.to_container(merged))}
-    sections = _nested(values)
+    sections = nest(values)
     try:
         for section, cls in SECTIONS.items():
             check_settings(cls, sections.get(section, {}), section + ".")
