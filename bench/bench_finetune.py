@@ -22,8 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BOOKS = REPO.parent / "shared" / "data" / "books"
-SHAPE = ["model.d_model=128", "model.n_layer=4", "train.seq_len=256", "train.batch_size=4", "scan_order.enabled=false", "logging.wandb=false",
-         "logging.progress_bar=false", "train.zero_stage=2", "eval.batches=8", "logging.every=1000"]
+SHAPE = ["model.d_model=128", "model.n_layer=4", "train.seq_len=256", "train.batch_size=4", "scan_order.enabled=false",
+         "logging.wandb=false", "logging.progress_bar=false", "train.zero_stage=2", "eval.batches=8", "logging.every=1000"]
 TARGETS = "in_proj,x_proj,out_proj"
 
 

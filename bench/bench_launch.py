@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.d_model=32", "model.n_layer=2", "train.seq_len=128", "train.batch_size=1", "logging.wandb=false", "logging.progress_bar=false",
+TINY = ["model.d_model=32", "model.n_layer=2", "train.seq_len=128", "train.batch_size=1", "logging.wandb=false",
+        "logging.progress_bar=false",
         "eval.batches=1", "train.export_at_end=false", "train.max_steps=1", "train.zero_stage=2"]
 
 

@@ -2,7 +2,7 @@
 
 Two jobs of the same tiny run (2 ranks, one per node, every pillar on) are submitted together: a
 reference that runs uninterrupted, and one that gets `scancel --signal=USR1` mid-training, saves,
-requeues itself and resumes (`resume=auto`). The reference must finish with a checkpoint, a W&B
+requeues itself and resumes (`train.resume=auto`). The reference must finish with a checkpoint, a W&B
 offline run and rank-consistent pillar decisions; the preempted job must end with exactly the
 reference's loss curve and parameters.
 """

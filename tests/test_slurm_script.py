@@ -143,7 +143,7 @@ def test_dry_run_defaults_and_knobs(tmp_path: Path) -> None:
                         "--cpus-per-task=6", "--container-image=img.sqsh"]
     assert argv[9:] == ["--container-mounts=/data:/data", str(RANK_ENV), "/opt/py/bin/python",
                         str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml"),
-                        "train.resume=none", "train.seed=3"]   # the user's resume= wins: no resume=auto added
+                        "train.resume=none", "train.seed=3"]   # the user's train.resume= wins: none added
 
 
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="Slurm is not installed (.ci/install_slurm.sh)")

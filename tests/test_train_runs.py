@@ -17,8 +17,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TINY = ["model.d_model=32", "model.n_layer=2", "train.seq_len=128", "train.batch_size=1", "logging.wandb=false", "logging.progress_bar=false",
-        "masks.block_size=8", "eval.batches=1", "train.export_at_end=false"]
+TINY = ["model.d_model=32", "model.n_layer=2", "train.seq_len=128", "train.batch_size=1", "logging.wandb=false",
+        "logging.progress_bar=false", "masks.block_size=8", "eval.batches=1", "train.export_at_end=false"]
 
 pytestmark = pytest.mark.distributed
 

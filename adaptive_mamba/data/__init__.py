@@ -27,6 +27,7 @@ from adaptive_mamba.data.shards import (CorruptShardError, DataConfig, DataPrepC
                                       token_dtype_for)
 from adaptive_mamba.data.sources import Document, DocumentReader, SkipStats, split_wikitext_articles
 
-__all__ = ["CorruptShardError", "DataConfig", "DataPrepConfig", "build_shards", "TokenShards", "token_dtype_for", "WindowSampler",
+__all__ = ["CorruptShardError", "DataConfig", "DataPrepConfig", "build_shards", "TokenShards", "token_dtype_for",
+           "WindowSampler",
            "LongSequenceDataset", "make_dataloader", "IGNORE_INDEX", "Document", "DocumentReader",
            "SkipStats", "split_wikitext_articles"]

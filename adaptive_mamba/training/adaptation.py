@@ -225,7 +225,8 @@ class PillarController:
             values["sparsity"] = round(rep["sparsity"], 4)
             values["executed_flops_ratio"] = round(rep["executed_flops"] / rep["dense_flops"], 4)
             values["module_sparsity"] = {name: r["sparsity"] for name, r in rep["modules"].items()}
-            parts.append(f"mask sparsity {100 * rep['sparsity']:.1f}% (target {100 * self.cfg.masks.target_sparsity:.0f}%; "
+            parts.append(f"mask sparsity {100 * rep['sparsity']:.1f}% "
+                         f"(target {100 * self.cfg.masks.target_sparsity:.0f}%; "
                          f"evaluation executes {100 * values['executed_flops_ratio']:.1f}% of the dense FLOPs of the "
                          "masked modules)")
         values.update(self._flops(model))
@@ -247,7 +248,8 @@ class PillarController:
             counts = {k: sum(1 for v in kinds.values() if v == k) for k in ("lora", "ia3", "frozen")}
             values["allocation"] = counts
             values["allocation_history"] = self.allocation_history
-            parts.append(f"allocation after {len(self.allocation_history)} decision(s): LoRA (r={self.cfg.peft.lora_r}) on "
+            parts.append(f"allocation after {len(self.allocation_history)} decision(s): "
+                         f"LoRA (r={self.cfg.peft.lora_r}) on "
                          f"{counts['lora']}, IA3 on {counts['ia3']}, frozen {counts['frozen']} of {len(kinds)} modules")
         return {"values": values, "text": "Pillars: " + "; ".join(parts) + "."}
 

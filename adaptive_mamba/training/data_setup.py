@@ -66,7 +66,8 @@ def check_tokenizer(shards: TokenShards, cfg: TrainConfig, resume_from: Optional
     check_same_tokenizer(data_hash, shards.metadata["tokenizer"].get("content_sha256"),
                          f"the token ids in {shards.path} (metadata.json)", "the tokenizer saved with them")
     if cfg.train.init_from is not None:
-        check_same_tokenizer(data_hash, saved_tokenizer_hash(cfg.train.init_from), f"train.init_from={cfg.train.init_from}", where)
+        check_same_tokenizer(data_hash, saved_tokenizer_hash(cfg.train.init_from),
+                             f"train.init_from={cfg.train.init_from}", where)
     if resume_state is not None:
         check_same_tokenizer(data_hash, resume_state.get("tokenizer_sha256"), f"the checkpoint {resume_from}", where)
     return data_hash

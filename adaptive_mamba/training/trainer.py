@@ -53,11 +53,12 @@ def whole_sequence_loss(model: AdaptiveMambaForCausalLM, input_ids: Tensor, labe
 def sequence_loss(cfg: TrainConfig, cp_group: Any = None) -> Callable[[AdaptiveMambaForCausalLM, Tensor, Tensor], Tensor]:
     """The cross-entropy of a batch: in one pass, in chunks of chunk_len (exact), or this rank's piece under
     context parallelism, scaled by its size because DeepSpeed averages gradients over all ranks."""
-    if cfg.train.context_parallel > 1:
-        return lambda model, ids, labels: context_parallel_loss(model, ids, labels, cp_group) * cfg.train.context_parallel
-    if cfg.train.chunk_len:
-        return lambda model, ids, labels: (chunked_lm_loss(model, ids, labels, cfg.train.chunk_len)
-                                           if ids.shape[1] > cfg.train.chunk_len else whole_sequence_loss(model, ids, labels))
+    cp, chunk = cfg.train.context_parallel, cfg.train.chunk_len
+    if cp > 1:
+        return lambda model, ids, labels: context_parallel_loss(model, ids, labels, cp_group) * cp
+    if chunk:
+        return lambda model, ids, labels: (chunked_lm_loss(model, ids, labels, chunk)
+                                           if ids.shape[1] > chunk else whole_sequence_loss(model, ids, labels))
     return whole_sequence_loss
 
 
@@ -110,7 +111,7 @@ def _grad_norm(module: nn.Module) -> float:
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio (or constant)."""
+    """Linear warmup to optim.lr, then cosine decay to optim.lr * optim.min_lr_ratio (or constant)."""
     if cfg.optim.warmup_steps and step < cfg.optim.warmup_steps:
         return cfg.optim.lr * (step + 1) / cfg.optim.warmup_steps
     if cfg.optim.schedule == "constant":
@@ -147,7 +148,7 @@ class Trainer:
         resume_state = ckpt.verify_checkpoint(self.resume_from) if self.resume_from is not None else None
         self.ds_config = deepspeed_config(cfg, ctx.world_size)
         if cfg.train.chunk_len and zero_stage(self.ds_config) == 3:
-            raise ValueError("chunk_len needs ZeRO stage 0-2 (its backward returns whole-parameter gradients; ZeRO-3 "
+            raise ValueError("train.chunk_len needs ZeRO stage 0-2 (its backward returns whole-parameter gradients; ZeRO-3 "
                              "partitions them): use train.zero_stage=2, or train.chunk_len=0")
         self.cp_group, self.dp_rank = None, ctx.rank
         if cfg.train.context_parallel > 1:
@@ -161,7 +162,8 @@ class Trainer:
         self.micro_per_epoch = self.sampler.steps_per_epoch(0)
         steps_per_epoch = self.micro_per_epoch // cfg.train.grad_accum_steps
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.num_epochs * steps_per_epoch
-        self.tokens_per_step = ctx.world_size // cfg.train.context_parallel * cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.train.seq_len
+        t = cfg.train
+        self.tokens_per_step = ctx.world_size // t.context_parallel * t.batch_size * t.grad_accum_steps * t.seq_len
 
         self.pillars = PillarController(cfg, ctx, self.total_steps)
         if resume_state is not None:
@@ -195,9 +197,11 @@ class Trainer:
         self.monitor.info(
             f"model {mode}: d_model={self.model_config.d_model} n_layer={self.model_config.n_layer} "
             f"vocab={self.model_config.vocab_size}, {self._param_count(model, False):,} parameters; "
-            f"{ctx.world_size} rank(s) on {self.device.type}, ZeRO-{zero_stage(self.ds_config)}, {cfg.train.precision}, "
-            f"seq_len {cfg.train.seq_len}" + (f" in chunks of {cfg.train.chunk_len}" if cfg.train.chunk_len else "")
-            + (f" split over {cfg.train.context_parallel} context-parallel ranks" if cfg.train.context_parallel > 1 else "")
+            f"{ctx.world_size} rank(s) on {self.device.type}, ZeRO-{zero_stage(self.ds_config)}, "
+            f"{cfg.train.precision}, seq_len {cfg.train.seq_len}"
+            + (f" in chunks of {cfg.train.chunk_len}" if cfg.train.chunk_len else "")
+            + (f" split over {cfg.train.context_parallel} context-parallel ranks" if cfg.train.context_parallel > 1
+               else "")
             + f", activation checkpointing {'on' if self.model_config.gradient_checkpointing else 'off'}, "
             f"{self.total_steps} steps of {self.tokens_per_step:,} tokens"
             + (f"; resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""))
@@ -296,7 +300,8 @@ class Trainer:
             if j == cfg.train.grad_accum_steps - 1 and zero_stage(self.ds_config) == 0:
                 own_norm = _grad_norm(self.module)    # DeepSpeed reports no norm for a plain torch optimizer
             self.engine.step()
-            tokens = float((batch["labels"][:, 1:] != -100).sum()) / cfg.train.context_parallel   # a group shares a batch
+            # a context-parallel group shares a batch
+            tokens = float((batch["labels"][:, 1:] != -100).sum()) / cfg.train.context_parallel
             sums += torch.tensor([float(ce.detach()), float(reg.detach()), tokens, 0.0], dtype=torch.float64)
         self.step += 1
         sums = all_reduce_sum([sums])[0]
@@ -321,9 +326,9 @@ class Trainer:
         good = ckpt.latest_checkpoint(self.output_dir)
         raise NonFiniteLossError(
             f"non-finite loss ({loss}) at optimizer step {self.step + 1}: training stopped before applying this step, "
-            f"and no checkpoint was written from it. Last checkpoint: {good or 'none (save_every=0)'} (if the "
-            "weights there already diverged, resume=PATH from an earlier one in the same folder). Lower "
-            "learning_rate (or raise warmup_steps / lower grad_clip) and restart")
+            f"and no checkpoint was written from it. Last checkpoint: {good or 'none (train.save_every=0)'} (if the "
+            "weights there already diverged, train.resume=PATH from an earlier one in the same folder). Lower "
+            "optim.lr (or raise optim.warmup_steps / lower optim.grad_clip) and restart")
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -359,7 +364,7 @@ class Trainer:
         if self.step >= self.total_steps:
             mon.info(f"the run in {self.output_dir} already reached step {self.step} of {self.total_steps}: nothing to "
                      "train; summary.json and the checkpoints are left as they are (raise max_steps to continue, or "
-                     "use a new output_dir / resume=none to start over)")
+                     "use a new train.output_dir / train.resume=none to start over)")
             return RunResult("completed", self.step, str(self.resume_from))
         if self.step == 0:
             self._log_eval(self._evaluate_and_inspect())
@@ -374,7 +379,8 @@ class Trainer:
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
                 evaluation = self._evaluate_and_inspect()
             stop = any_rank(self.stop_requested())
-            if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps):
+            every = cfg.train.save_every
+            if stop or (every and self.step % every == 0 and self.step < self.total_steps):
                 last_ckpt = self.save()
             self._log_step(rec, events)
             self._log_eval(evaluation)
@@ -382,7 +388,7 @@ class Trainer:
                 status = "preempted"
                 break
         if status == "preempted":
-            mon.info(f"preempted at step {self.step}: checkpoint saved to {last_ckpt}; rerun with resume=auto "
+            mon.info(f"preempted at step {self.step}: checkpoint saved to {last_ckpt}; rerun with train.resume=auto "
                      f"(exit status {EXIT_PREEMPTED})")
             return RunResult(status, self.step, str(last_ckpt))
         self._log_eval(self._evaluate_and_inspect())
