@@ -208,7 +208,7 @@ def test_finetune_from_transformers_checkpoint(tmp_path: Path, data_dir: Path) -
 def test_bad_inputs_fail_clearly(tmp_path: Path, data_dir: Path) -> None:
     base = [f"data.dir={data_dir}", "train.max_steps=2", "train.zero_stage=0", *TINY]
     proc = train(1, [*base, f"train.output_dir={tmp_path / 'a'}", "learning_rat=1"], expect=2)
-    assert "did you mean 'learning_rate'" in proc.stderr
+    assert "did you mean 'optim.lr'" in proc.stderr
     proc = train(1, [*base, f"train.output_dir={tmp_path / 'b'}", f"data.dir={tmp_path / 'nothing'}"], expect=2)
     assert "holds no token shards" in proc.stderr and "python -m data_prep" in proc.stderr
     proc = train(1, [*base, f"train.output_dir={tmp_path / 'c'}", "data.packing=pad", "train.seq_len=10000000"], expect=2)

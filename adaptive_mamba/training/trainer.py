@@ -35,7 +35,7 @@ from adaptive_mamba.training.config import TrainConfig
 from adaptive_mamba.training.data_setup import check_tokenizer, make_sampler, prepare_shards
 from adaptive_mamba.training.distributed import (DistContext, all_gather_object, all_reduce_sum, any_rank, barrier,
                                                  context_parallel_groups)
-from adaptive_mamba.training.engine import (build_engine, full_state_dict, deepspeed_config, load_optimizer_state,
+from adaptive_mamba.training.engine import (build_engine, deepspeed_config, full_state_dict, load_optimizer_state,
                                             optimizer_state, zero_stage)
 from adaptive_mamba.training.monitoring import Monitor, peak_memory_mb, resume_history
 
