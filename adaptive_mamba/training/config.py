@@ -5,12 +5,13 @@
     scan_order  ScanOrderConfig       adaptive_mamba/pillars/scan_order.py
     masks       MaskConfig            adaptive_mamba/pillars/masks.py
     peft        HybridPeftConfig      adaptive_mamba/pillars/hybrid_peft.py
-    optim, train, eval, logging       OptimConfig, TrainSection, EvalConfig, LoggingConfig (here)
+    optim, train, eval, logging       OptimConfig, TrainSection, EvalDuringTraining, LoggingConfig (here)
 
 The pillars and the data code consume their section as it is: there is no translation layer. A YAML file (nested
 sections) and dotted command-line overrides (`masks.block_size=16`) are merged by OmegaConf, then every value is
 converted to its field's type and checked by the dataclasses; errors name the key as the user typed it. The flat
-keys of the previous release (`mask_block_size=16`) still work, with one deprecation line each (`DEPRECATED_KEYS`).
+keys of the previous release (`mask_block_size=16`) still work for one release: they map to their dotted names
+(`DEPRECATED_KEYS`) with one deprecation line per source (config file, command line) that names the new keys.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ class TrainSection:
 
 
 @dataclass
-class EvalConfig:
+class EvalDuringTraining:
     """Validation during training."""
 
     every: int = setting(0, "optimizer steps between evals (0: only at start and end)", check=at_least(0))
@@ -125,7 +126,7 @@ class TrainConfig:
     peft: HybridPeftConfig = field(default_factory=HybridPeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalDuringTraining = field(default_factory=EvalDuringTraining)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
