@@ -24,7 +24,7 @@ test: venv
 # The demo: a small Mamba trained from scratch on this Python's standard library sources with all three pillars.
 # Launch defaults fit the machine (launch/machine_defaults.py): one process per GPU with bf16 where supported, or
 # 2 CPU ranks on gloo (fp32) without a GPU. Leaves a checkpoint, an offline W&B run and runs/demo/summary.json.
-# Override e.g. `make train NPROC=1 TRAIN_ARGS="max_steps=20"`.
+# Override e.g. `make train NPROC=1 TRAIN_ARGS="train.max_steps=20"`.
 NPROC ?=
 TRAIN_ARGS ?=
 train: venv

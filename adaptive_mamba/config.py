@@ -7,7 +7,63 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional, get_args, get_type_hints
+
+
+def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Optional[Callable[[], Any]] = None,
+            check: Optional[tuple[Callable[[float], bool], str]] = None, choices: Optional[tuple[Any, ...]] = None
+            ) -> Any:
+    """A config field with its documentation (for `--help` and docs/configuration.md), and optionally its valid
+    numeric range (`check`: a predicate and its wording) or its allowed values (`choices`), both checked by
+    `check_settings` so that errors name the key the user typed."""
+    meta = {"doc": doc, "check": check, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def at_least(n: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v >= n), f">= {n}"
+
+
+def above(n: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v > n), f"> {n}"
+
+
+def between(lo: float, hi: float, hi_open: bool = False) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: lo <= v < hi if hi_open else lo <= v <= hi), f"in [{lo}, {hi}{')' if hi_open else ']'}"
+
+
+class ConfigValueError(ValueError):
+    """A field with an invalid value; the config loader renames it to the spelling the user typed."""
+
+    def __init__(self, key: str, value: Any, rule: str) -> None:
+        self.key, self.value, self.rule = key, value, rule
+        super().__init__(self.message(key))
+
+    def message(self, typed: str, where: str = "") -> str:
+        return f"{where}{typed}={self.value!r} is invalid: it {self.rule}"
+
+
+def check_settings(cls: type, values: Mapping[str, Any], prefix: str = "") -> None:
+    """Check `values` (field name -> value, of dataclass `cls`) against each field's declared range or choices;
+    raise ConfigValueError naming `prefix + field name`. Integer fields must hold ints, float fields numbers
+    (None passes for Optional ones)."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value, check, choices = values[f.name], f.metadata.get("check"), f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigValueError(prefix + f.name, value, f"must be one of {list(choices)}")
+        if check is None or (value is None and type(None) in get_args(hints[f.name])):
+            continue
+        integer = int in (hints[f.name], *get_args(hints[f.name]))
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise ConfigValueError(prefix + f.name, value, "must be an integer" if integer else "must be a number")
+        ok, rule = check
+        if not ok(value):
+            raise ConfigValueError(prefix + f.name, value, f"must be {rule}")
 
 
 def check_known_keys(cls_name: str, given: dict[str, Any], known: set[str]) -> None:
@@ -23,31 +79,35 @@ def check_known_keys(cls_name: str, given: dict[str, Any], known: set[str]) -> N
 
 @dataclass
 class AdaptiveMambaConfig:
-    """Mamba-1 architecture. Defaults are those of state-spaces/mamba-130m except the layer count and vocab."""
+    """Mamba-1 architecture (the `model` section of a training config). Sizes default to a small model; those
+    of state-spaces/mamba-130m are d_model=768, n_layer=24, vocab_size=50277."""
 
-    d_model: int = 768
-    n_layer: int = 24
-    vocab_size: int = 50277
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: int | str = "auto"          # "auto" = ceil(d_model / 16)
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init: str = "random"              # "random" or "constant" init of dt_proj.weight
-    dt_scale: float = 1.0
-    dt_init_floor: float = 1e-4
-    conv_bias: bool = True
-    bias: bool = False                   # bias of in_proj / out_proj
-    norm_epsilon: float = 1e-5
-    residual_in_fp32: bool = True
-    pad_vocab_size_multiple: int = 8
-    tie_embeddings: bool = True
-    initializer_range: float = 0.02
-    rescale_prenorm_residual: bool = True
-    gradient_checkpointing: bool = False  # recompute each block in backward (training, long sequences)
-    layer_d_inner: Optional[list[int]] = None  # per-layer channel counts of a channel-pruned export (None: d_inner)
-    extra: dict[str, Any] = field(default_factory=dict)  # state of the adaptive pillars, saved with the model
+    d_model: int = setting(64, "width of the residual stream", check=at_least(1))
+    n_layer: int = setting(2, "number of Mamba blocks", check=at_least(1))
+    vocab_size: Optional[int] = setting(None, "vocabulary size (None: the tokenizer's; must be set to build a model "
+                                        "outside training)", check=at_least(2))
+    d_state: int = setting(16, "SSM state size per channel", check=at_least(1))
+    d_conv: int = setting(4, "width of the causal depthwise convolution", check=at_least(1))
+    expand: int = setting(2, "d_inner = expand * d_model", check=at_least(1))
+    dt_rank: int | str = setting("auto", '"auto" = ceil(d_model / 16)')
+    dt_min: float = setting(0.001, "smallest initial time step")
+    dt_max: float = setting(0.1, "largest initial time step")
+    dt_init: str = setting("random", "init of dt_proj.weight", choices=("random", "constant"))
+    dt_scale: float = setting(1.0, "scale of the dt_proj.weight init")
+    dt_init_floor: float = setting(1e-4, "floor of the initial time step")
+    conv_bias: bool = setting(True, "bias in the convolution")
+    bias: bool = setting(False, "bias of in_proj / out_proj")
+    norm_epsilon: float = setting(1e-5, "RMSNorm epsilon")
+    residual_in_fp32: bool = setting(True, "keep the residual stream in fp32")
+    pad_vocab_size_multiple: int = setting(8, "the embedding rows are padded to a multiple of this")
+    tie_embeddings: bool = setting(True, "the LM head shares the embedding matrix")
+    initializer_range: float = setting(0.02, "std of the embedding init")
+    rescale_prenorm_residual: bool = setting(True, "GPT-2 style rescaling of out_proj at init")
+    gradient_checkpointing: bool = setting(False, "recompute each block in backward (in training: set from "
+                                           "train.gradient_checkpointing)")
+    layer_d_inner: Optional[list[int]] = setting(None, "per-layer channel counts of a channel-pruned export "
+                                                 "(None: d_inner)")
+    extra: dict[str, Any] = setting(doc="state of the adaptive pillars, saved with the model", factory=dict)
 
     model_type: ClassVar[str] = "adaptive_mamba"
 
@@ -61,7 +121,7 @@ class AdaptiveMambaConfig:
             raise ValueError(f"layer_d_inner must list n_layer={self.n_layer} channel counts >= 1, "
                              f"got {self.layer_d_inner!r}")
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
@@ -74,6 +134,8 @@ class AdaptiveMambaConfig:
 
     @property
     def padded_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError("AdaptiveMambaConfig.vocab_size is None: set it (training sets the tokenizer's)")
         m = self.pad_vocab_size_multiple
         return (self.vocab_size + m - 1) // m * m
 

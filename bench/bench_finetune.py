@@ -22,8 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BOOKS = REPO.parent / "shared" / "data" / "books"
-SHAPE = ["d_model=128", "n_layers=4", "seq_len=256", "batch_size=4", "scan_order=false", "wandb=false",
-         "progress_bar=false", "deepspeed_config=ds_configs/zero2_fp32.json", "eval_batches=8", "log_every=1000"]
+SHAPE = ["model.d_model=128", "model.n_layer=4", "train.seq_len=256", "train.batch_size=4", "scan_order.enabled=false",
+         "logging.wandb=false", "logging.progress_bar=false", "train.zero_stage=2", "eval.batches=8", "logging.every=1000"]
 TARGETS = "in_proj,x_proj,out_proj"
 
 
@@ -49,7 +49,7 @@ def shards(name: str, book: Path, work: Path, tokenizer: str, max_chars: int) ->
 def train(args: list[str], out: Path) -> dict:
     """One run of launch/train.py; returns its summary.json."""
     if not (out / "summary.json").is_file():
-        proc = subprocess.run([sys.executable, "launch/train.py", f"output_dir={out}", *args], cwd=REPO,
+        proc = subprocess.run([sys.executable, "launch/train.py", f"train.output_dir={out}", *args], cwd=REPO,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"run {out} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -84,26 +84,26 @@ def main() -> None:
     t0 = time.perf_counter()
     emma = shards("emma", BOOKS / "austen_emma.txt", work, "sentencepiece:2048", 10 ** 9)
     kjv = shards("kjv", BOOKS / "kjv_bible.txt", work, str(emma / "tokenizer"), 1_000_000)
-    base = train([f"data_dir={emma}", *SHAPE, f"max_steps={args.pretrain_steps}", "learning_rate=3e-3",
-                  "warmup_steps=20", "masking=false", "peft=false", "export_at_end=true"], work / "pretrain")
+    base = train([f"data.dir={emma}", *SHAPE, f"train.max_steps={args.pretrain_steps}", "optim.lr=3e-3",
+                  "optim.warmup_steps=20", "masks.enabled=false", "peft.enabled=false", "train.export_at_end=true"], work / "pretrain")
     base_dir = Path(base["export_dir"]) / "merged"
-    common = [f"data_dir={kjv}", f"init_from={base_dir}", *SHAPE, f"max_steps={args.steps}",
-              f"learning_rate={args.lr}", "warmup_steps=10", "export_at_end=false", f"mask_targets={TARGETS}"]
-    hybrid = ["peft_mode=hybrid", "masking=false", "importance_source=saliency", "peft_r=8",
-              "peft_application_ratio=0.5", "importance_threshold=0.5", f"peft_reallocation_frequency={args.realloc}"]
+    common = [f"data.dir={kjv}", f"train.init_from={base_dir}", *SHAPE, f"train.max_steps={args.steps}",
+              f"optim.lr={args.lr}", "optim.warmup_steps=10", "train.export_at_end=false", f"masks.targets={TARGETS}"]
+    hybrid = ["peft.mode=hybrid", "masks.enabled=false", "peft.importance_source=saliency", "peft.lora_r=8",
+              "peft.application_ratio=0.5", "peft.importance_threshold=0.5", f"peft.every={args.realloc}"]
     results: dict[str, list[float]] = {"before fine-tuning": []}
     params: dict[str, int] = {}
     for seed in args.seeds:
         out = work / f"hybrid_s{seed}"
-        results.setdefault("hybrid", []).append(train([*common, *hybrid, f"seed={seed}"], out)["eval_loss_last"])
+        results.setdefault("hybrid", []).append(train([*common, *hybrid, f"train.seed={seed}"], out)["eval_loss_last"])
         params.setdefault("hybrid", adapter_params(out))
     rank = max(1, round(params["hybrid"] / lora_params(1)))
     params[f"lora r={rank}"] = lora_params(rank)
     for seed in args.seeds:
         results.setdefault(f"lora r={rank}", []).append(train(
-            [*common, "peft_mode=lora", "masking=false", f"peft_r={rank}", f"seed={seed}"],
+            [*common, "peft.mode=lora", "masks.enabled=false", f"peft.lora_r={rank}", f"train.seed={seed}"],
             work / f"lora_r{rank}_s{seed}")["eval_loss_last"])
-        summary = train([*common, "peft_mode=full", "masking=false", f"seed={seed}"], work / f"full_s{seed}")
+        summary = train([*common, "peft.mode=full", "masks.enabled=false", f"train.seed={seed}"], work / f"full_s{seed}")
         results.setdefault("full fine-tune", []).append(summary["eval_loss_last"])
         results["before fine-tuning"].append(summary["eval_loss_first"])
     params["full fine-tune"] = -1

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["d_model=32", "n_layers=2", "seq_len=128", "batch_size=1", "wandb=false", "progress_bar=false",
-        "eval_batches=1", "export_at_end=false", "max_steps=1", "deepspeed_config=ds_configs/zero2_fp32.json"]
+TINY = ["model.d_model=32", "model.n_layer=2", "train.seq_len=128", "train.batch_size=1", "logging.wandb=false",
+        "logging.progress_bar=false",
+        "eval.batches=1", "train.export_at_end=false", "train.max_steps=1", "train.zero_stage=2"]
 
 
 def launcher(name: str, port: int) -> list[str]:
@@ -60,12 +61,12 @@ def main() -> None:
         for r in range(args.repeats):
             for name in ("torchrun", "deepspeed"):
                 port += 1
-                train = ["launch/train.py", f"data_dir={args.data_dir.resolve()}", f"output_dir={tmp}/{name}{r}", *TINY]
+                train = ["launch/train.py", f"data.dir={args.data_dir.resolve()}", f"train.output_dir={tmp}/{name}{r}", *TINY]
                 results.setdefault((name, "first step"), []).append(
                     seconds_to_first_step([*launcher(name, port), *train], env))
                 port += 1
                 results.setdefault((name, "config error exit"), []).append(
-                    seconds_to_exit([*launcher(name, port), *train, "peft_r=0"], env))
+                    seconds_to_exit([*launcher(name, port), *train, "peft.lora_r=0"], env))
     for what in ("first step", "config error exit"):
         t, d = statistics.median(results[("torchrun", what)]), statistics.median(results[("deepspeed", what)])
         print(f"{what:>18}: torchrun {t:6.1f} s  deepspeed {d:6.1f} s  deepspeed/torchrun {d / t:4.2f}  "

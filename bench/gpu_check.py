@@ -85,14 +85,13 @@ def check_training(device: torch.device, size: dict[str, Any], workdir: Path) ->
                                        max_bytes=(1 if smoke else 8) << 20, val_fraction=0.02))
     out = workdir / "train"
     steps = size["train_steps"]
-    precision = ["precision=fp32", "deepspeed_config=ds_configs/zero2_fp32.json"] if smoke else \
-        ["precision=bf16", "deepspeed_config=ds_configs/zero2_bf16.json"]
-    args = [f"data_dir={data}", f"output_dir={out}", f"d_model={size['d_model']}", f"n_layers={size['n_layers']}",
-            f"seq_len={size['train_seq']}", "batch_size=1", f"max_steps={steps}", "learning_rate=1e-3",
-            "warmup_steps=5", *precision, f"scan_update_frequency={max(2, steps // 3)}",
-            f"peft_start_step={max(3, steps // 2)}", f"peft_reallocation_frequency={max(2, steps // 4)}",
-            "mask_learning_rate=0.05", "eval_batches=1", "wandb=false", "progress_bar=false", "resume=none",
-            f"log_every={max(1, steps // 5)}"]
+    precision = ["train.precision=fp32" if smoke else "train.precision=bf16", "train.zero_stage=2"]
+    args = [f"data.dir={data}", f"train.output_dir={out}", f"model.d_model={size['d_model']}", f"model.n_layer={size['n_layers']}",
+            f"train.seq_len={size['train_seq']}", "train.batch_size=1", f"train.max_steps={steps}", "optim.lr=1e-3",
+            "optim.warmup_steps=5", *precision, f"scan_order.every={max(2, steps // 3)}",
+            f"peft.start_step={max(3, steps // 2)}", f"peft.every={max(2, steps // 4)}",
+            "masks.learning_rate=0.05", "eval.batches=1", "logging.wandb=false", "logging.progress_bar=false", "train.resume=none",
+            f"logging.every={max(1, steps // 5)}"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -138,13 +137,14 @@ def pillar_model(size: dict[str, Any], pillars: bool, checkpointing: bool) -> tu
     from adaptive_mamba import AdaptiveMambaForCausalLM
     from adaptive_mamba.pillars.hybrid_peft import decide_allocation, module_importance
     from adaptive_mamba.training.adaptation import PillarController
-    from adaptive_mamba.training.config import TrainConfig
+    from adaptive_mamba.training.config import load_train_config
     from adaptive_mamba.training.distributed import DistContext
 
-    cfg = TrainConfig(d_model=size["d_model"], n_layers=size["n_layers"], masking=pillars, peft=pillars,
-                      data_source="stdlib",             # required by TrainConfig; no data is read here
-                      scan_order=pillars, scan_update_frequency=1 if pillars else 0,
-                      gradient_checkpointing=checkpointing)
+    cfg = load_train_config(None, [
+        f"model.d_model={size['d_model']}", f"model.n_layer={size['n_layers']}", f"masks.enabled={pillars}",
+        f"peft.enabled={pillars}", "data.source=stdlib",             # required by TrainConfig; no data is read here
+        f"scan_order.enabled={pillars}", f"scan_order.every={1 if pillars else 0}",
+        f"train.gradient_checkpointing={checkpointing}"])
     ctl = PillarController(cfg, DistContext(), total_steps=1000)
     base = lambda: AdaptiveMambaForCausalLM(cfg.model_config(size["vocab"]))   # noqa: E731
     if pillars:

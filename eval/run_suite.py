@@ -17,9 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from adaptive_mamba.evaluation import tasks as T
-from adaptive_mamba.evaluation.sources import InputError
-from adaptive_mamba.evaluation.suite import (
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:          # run from any folder of a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+from adaptive_mamba.evaluation import tasks as T  # noqa: E402
+from adaptive_mamba.evaluation.sources import InputError  # noqa: E402
+from adaptive_mamba.evaluation.suite import (  # noqa: E402
     EvalConfig,
     load_model,
     log_to_wandb,
@@ -125,6 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown_table(results))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
     return results
+
+
+def cli() -> int:
+    """The `adaptive-mamba-eval` console script (main returns the results, for tests)."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     python launch/run.py python launch/train.py --config c.yaml
 
 The contract: 0 done, 2 bad input (config, data, checkpoint, tokenizer), 99 preempted (checkpoint
-saved: rerun with resume=auto), 1 anything else. torchrun and the deepspeed launcher report any
+saved: rerun with train.resume=auto), 1 anything else. torchrun and the deepspeed launcher report any
 failing worker as 1 (plus a traceback of their own), so every rank of launch/train.py writes an exit
 record `rank_<R>.json` into $ADAPTIVE_MAMBA_EXIT_DIR; this wrapper points that variable at a fresh
 folder, runs the launcher, and exits with the records' combined code (`combine`): 1 if any rank

@@ -1,6 +1,6 @@
 """Training entry point.
 
-    deepspeed --num_gpus 2 launch/train.py --config configs/demo.yaml [key=value ...]
+    deepspeed --num_gpus 2 launch/train.py --config configs/demo.yaml [section.key=value ...]
     torchrun --nproc_per_node 2 launch/train.py --config configs/demo.yaml
     python launch/train.py --config configs/demo.yaml            # one process
     srun python launch/train.py ...                               # Slurm (see slurm/train.sh)
@@ -67,18 +67,27 @@ def wandb_mode_from_env(requested: str, enabled: bool) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from adaptive_mamba.training.config_docs import help_text
+
+    p = argparse.ArgumentParser(description=__doc__, epilog=help_text(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=None,
-                   help="YAML or JSON training config (fields: the Config fields section of README.md)")
+                   help="YAML or JSON training config: nested sections (keys below; docs/configuration.md)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)          # passed by the deepspeed launcher; LOCAL_RANK is used
-    p.add_argument("overrides", nargs="*", help="key=value overrides of config fields, e.g. max_steps=100")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of config keys, e.g. train.max_steps=100")
     return p.parse_args(argv)
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings (the config's deprecation notes) as one line each, without the source line."""
+    return f"{category.__name__}: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.formatwarning = one_line_warning
     args = parse_args(argv)
     from adaptive_mamba.training import distributed
     from adaptive_mamba.training.config import load_train_config
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)      # concise output: our own log lines, DeepSpeed's warnings only
-    trainer = Trainer(cfg, ctx, wandb_mode_from_env(cfg.wandb_mode, cfg.wandb),
+    trainer = Trainer(cfg, ctx, wandb_mode_from_env(cfg.logging.wandb_mode, cfg.logging.wandb),
                       stop_requested=lambda: stop["signal"] is not None)
     code, message = 0, ""
     try:

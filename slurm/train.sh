@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Train an Adaptive Hybrid-PEFT Mamba model on a Slurm cluster: N nodes x G ranks per node.
 #
-#   sbatch [SBATCH OPTIONS] slurm/train.sh [--config FILE] [key=value ...]
+#   sbatch [SBATCH OPTIONS] slurm/train.sh [--config FILE] [section.key=value ...]
 #   sbatch -N 4 --ntasks-per-node=8 --gpus-per-node=8 -p gpu -A myproj -t 24:00:00 \
-#          slurm/train.sh --config configs/demo.yaml max_steps=20000
+#          slurm/train.sh --config configs/demo.yaml train.max_steps=20000
 #   sbatch -N 2 --ntasks-per-node=1 slurm/train.sh            # CPU ranks (gloo) when there is no GPU
 #   TRAIN_DRY_RUN=1 bash slurm/train.sh ...                   # print the resolved launch, start nothing
 #
@@ -12,7 +12,7 @@
 # itself launches, signals, accounts for and cleans up every rank; no ssh or hostfile is needed.
 # With GPUs, ask for as many tasks per node as GPUs per node; every rank sees the node's GPUs and
 # uses LOCAL_RANK. Arguments after the script go to launch/train.py unchanged; `--config` defaults
-# to $TRAIN_CONFIG or configs/demo.yaml, and `resume=auto` is added unless a `resume=` is given.
+# to $TRAIN_CONFIG or configs/demo.yaml, and `train.resume=auto` is added unless a `train.resume=` is given.
 #
 # Preemption and time limits: Slurm sends SIGUSR1 to every rank 180 s before the time limit
 # (`--signal=USR1@180`; change it with `sbatch --signal=USR1@SECONDS`), and `scancel --signal=USR1
@@ -108,7 +108,7 @@ for var in SLURM_JOB_ID SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES SLURM_NTASKS SLUR
 done
 if ((${#missing[@]})); then
     die "not inside a Slurm job: ${missing[*]} not set.
-  Submit it:     sbatch -N NODES --ntasks-per-node=RANKS_PER_NODE slurm/train.sh [--config FILE] [key=value ...]
+  Submit it:     sbatch -N NODES --ntasks-per-node=RANKS_PER_NODE slurm/train.sh [--config FILE] [section.key=value ...]
   Without Slurm: python launch/train.py --config FILE  (one process) or deepspeed launch/train.py ...
   Dry run:       set those variables by hand and TRAIN_DRY_RUN=1 (see README.md, section Training on a Slurm cluster)"
 fi
@@ -156,14 +156,14 @@ has_config=0
 has_resume=0
 for arg in "${train_args[@]}"; do
     [[ $arg == --config || $arg == --config=* ]] && has_config=1
-    [[ $arg == resume=* ]] && has_resume=1
+    [[ $arg == resume=* || $arg == train.resume=* ]] && has_resume=1
 done
 if ((!has_config)); then
     config=${TRAIN_CONFIG:-$repo/configs/demo.yaml}
     [[ -f $config ]] || die "config $config not found; pass --config FILE or set TRAIN_CONFIG"
     train_args=(--config "$config" "${train_args[@]}")
 fi
-((has_resume)) || train_args+=(resume=auto)
+((has_resume)) || train_args+=(train.resume=auto)
 
 # ---- the distributed layout -------------------------------------------------------------------
 world_size=$SLURM_NTASKS
@@ -268,7 +268,7 @@ if ((restarts >= max_requeues)); then
     log "ranks saved a checkpoint, but the job was already restarted $restarts times (TRAIN_MAX_REQUEUES=$max_requeues): not requeueing"
     exit "$PREEMPTED_EXIT"
 fi
-log "ranks saved a checkpoint; requeueing job $SLURM_JOB_ID (restart $((restarts + 1))), it resumes with resume=auto"
+log "ranks saved a checkpoint; requeueing job $SLURM_JOB_ID (restart $((restarts + 1))), it resumes with train.resume=auto"
 trap '' TERM   # the requeue ends this run with SIGTERM: let scontrol finish and exit on our own
 scontrol requeue "$SLURM_JOB_ID" || { log "scontrol requeue failed"; exit "$PREEMPTED_EXIT"; }
 exit 0

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.distributed
 def test_training_collectives_use_a_backend_that_accepts_their_tensors(tmp_path: Path, data_dir: Path) -> None:
     out, report = tmp_path / "run", tmp_path / "report"
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           "tests/collective_check.py", str(report), f"data_dir={data_dir}", f"output_dir={out}",
-           "deepspeed_config=ds_configs/zero2_fp32.json", "max_steps=5", "eval_every=2", "save_every=2", *TINY,
+           "tests/collective_check.py", str(report), f"data.dir={data_dir}", f"train.output_dir={out}",
+           "train.zero_stage=2", "train.max_steps=5", "eval.every=2", "train.save_every=2", *TINY,
            *PILLARS]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"STDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-6000:]}"

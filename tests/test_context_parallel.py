@@ -82,12 +82,12 @@ def test_training_runs_chunked_and_context_parallel_match_one_pass(tmp_path, dat
     and a context-parallel group of 2 ranks give the losses and gradient norms of one pass on one rank."""
     from test_train_runs import TINY, metrics, train
 
-    common = [f"data_dir={data_dir}", "deepspeed_config=ds_configs/zero2_fp32.json", "max_steps=3",
-              "scan_update_frequency=2", *TINY]
-    runs = {"plain": (1, []), "chunked": (1, ["chunk_len=40"]), "cp": (2, ["context_parallel=2"])}
+    common = [f"data.dir={data_dir}", "train.zero_stage=2", "train.max_steps=3",
+              "scan_order.every=2", *TINY]
+    runs = {"plain": (1, []), "chunked": (1, ["train.chunk_len=40"]), "cp": (2, ["train.context_parallel=2"])}
     logs = {}
     for name, (nproc, extra) in runs.items():
-        logs[name] = train(nproc, [f"output_dir={tmp_path / name}", *common, *extra]).stdout
+        logs[name] = train(nproc, [f"train.output_dir={tmp_path / name}", *common, *extra]).stdout
         assert "scan order refreshed at step 2" in logs[name]
     assert "in chunks of 40" in logs["chunked"] and "split over 2 context-parallel ranks" in logs["cp"]
     ref = metrics(tmp_path / "plain")

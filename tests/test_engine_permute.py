@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from adaptive_mamba.training import distributed
-from adaptive_mamba.training.config import TrainConfig
-from adaptive_mamba.training.engine import build_engine, load_ds_config, permute_engine_params
+from adaptive_mamba.training.config import load_train_config
+from adaptive_mamba.training.engine import build_engine, deepspeed_config, permute_engine_params
 
 pytestmark = pytest.mark.distributed
 
@@ -50,13 +50,12 @@ def _full(engine, name: str) -> dict[str, torch.Tensor]:
             **{k: safe_get_full_optimizer_state(p, k).reshape(shape).clone() for k in ("exp_avg", "exp_avg_sq")}}
 
 
-@pytest.mark.parametrize("ds_config,precision", [("zero0.json", "fp32"), ("zero2_fp32.json", "fp32"),
-                                                 ("zero3_fp32.json", "fp32"), ("zero2_bf16.json", "bf16")])
-def test_permutation_moves_master_and_moments(process_group, ds_config: str, precision: str) -> None:
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")])
+def test_permutation_moves_master_and_moments(process_group, stage: int, precision: str) -> None:
     torch.manual_seed(0)
-    cfg = TrainConfig(data_source="stdlib", precision=precision, deepspeed_config=f"ds_configs/{ds_config}",
-                      learning_rate=1e-2)
-    engine = build_engine(Tiny(), cfg, load_ds_config(cfg, world_size=1))
+    cfg = load_train_config(None, ["data.source=stdlib", f"train.precision={precision}", f"train.zero_stage={stage}",
+                                   "optim.lr=1e-2"])
+    engine = build_engine(Tiny(), cfg, deepspeed_config(cfg, world_size=1))
     try:
         x = torch.randn(4, 6).to(next(engine.module.parameters()).dtype)
         for _ in range(2):
@@ -83,8 +82,8 @@ def test_permutation_moves_master_and_moments(process_group, ds_config: str, pre
 def test_parameter_counts_give_full_sizes_of_partitioned_zero3_parameters(process_group) -> None:
     from adaptive_mamba.model import parameter_counts
 
-    cfg = TrainConfig(data_source="stdlib", precision="fp32", deepspeed_config="ds_configs/zero3_fp32.json")
-    engine = build_engine(Tiny(), cfg, load_ds_config(cfg, world_size=1))
+    cfg = load_train_config(None, ["data.source=stdlib", "train.precision=fp32", "train.zero_stage=3"])
+    engine = build_engine(Tiny(), cfg, deepspeed_config(cfg, world_size=1))
     try:
         engine.module.b.bias.requires_grad_(False)
         assert all(p.numel() == 0 for p in engine.module.parameters())          # really partitioned

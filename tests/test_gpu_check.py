@@ -79,8 +79,8 @@ def test_machine_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     sys.path.insert(0, str(REPO / "launch"))
     from machine_defaults import machine_defaults
 
-    from adaptive_mamba.training.config import TrainConfig
-    from adaptive_mamba.training.engine import load_ds_config
+    from adaptive_mamba.training.config import load_train_config
+    from adaptive_mamba.training.engine import deepspeed_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert machine_defaults() == ["2"]
@@ -89,11 +89,9 @@ def test_machine_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     for bf16, precision in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
         nproc, *overrides = machine_defaults()
-        assert nproc == "1" and f"precision={precision}" in overrides
-        fields = dict(o.split("=", 1) for o in overrides)
-        ds = load_ds_config(TrainConfig(precision=fields["precision"], data_source="stdlib",
-                                        deepspeed_config=str(REPO / fields["deepspeed_config"])), world_size=1)
-        assert ds["bf16"]["enabled"] == (precision == "bf16")
+        assert nproc == "1" and f"train.precision={precision}" in overrides
+        ds = deepspeed_config(load_train_config(None, ["data.source=stdlib", *overrides]), world_size=1)
+        assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["zero_optimization"]["stage"] == 2
 
 
 def test_cuda_dispatch_checks_the_kernel_signature() -> None:

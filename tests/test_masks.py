@@ -325,10 +325,11 @@ def test_channel_mask_training_is_relaxed_and_a_layer_may_drop_every_channel() -
 def test_trainer_regulariser_is_mask_regularizer(granularity: str) -> None:
     """The trainer's loss term is masks.mask_regularizer with the trainer's settings (one formula, one place)."""
     from adaptive_mamba.training.adaptation import PillarController
-    from adaptive_mamba.training.config import TrainConfig
+    from adaptive_mamba.training.config import load_train_config
     from adaptive_mamba.training.distributed import DistContext
 
-    cfg = TrainConfig(data_source="stdlib", mask_granularity=granularity, target_sparsity=0.7, sparsity_weight=0.3)
+    cfg = load_train_config(None, ["data.source=stdlib", f"masks.kind={granularity}", "masks.target_sparsity=0.7",
+                                   "masks.sparsity_weight=0.3"])
     pillars = PillarController(cfg, DistContext(), total_steps=10)
     model = pillars.build_structure(tiny_model())
     randomize_logits(model)

@@ -33,10 +33,10 @@ def _carry_worker(stage: int) -> None:
 
     from adaptive_mamba import AdaptiveMambaConfig, AdaptiveMambaForCausalLM
     from adaptive_mamba.pillars import AllocationDecision, HybridPeftConfig, MaskConfig, apply_allocation, apply_masks
-    from adaptive_mamba.training.config import TrainConfig
+    from adaptive_mamba.training.config import load_train_config
     from adaptive_mamba.training.distributed import DistContext, init_distributed
     from adaptive_mamba.training.engine import (_get_moment, _state_groups, build_engine, canonical_param_name,
-                                                full_state_dict, load_ds_config, load_optimizer_state,
+                                                deepspeed_config, full_state_dict, load_optimizer_state,
                                                 optimizer_state)
     from adaptive_mamba.training.trainer import TrainingObjective
 
@@ -44,9 +44,9 @@ def _carry_worker(stage: int) -> None:
     ctx = DistContext(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env["LOCAL_RANK"]),
                       master_addr=env["MASTER_ADDR"], master_port=int(env["MASTER_PORT"]))
     init_distributed(ctx)
-    cfg = TrainConfig(data_dir="unused", learning_rate=1e-2, weight_decay=0.1, batch_size=1,
-                      deepspeed_config=str(REPO / "ds_configs" / f"zero{stage}.json"))
-    ds = load_ds_config(cfg, ctx.world_size)
+    cfg = load_train_config(None, ["data.dir=unused", "optim.lr=1e-2", "optim.weight_decay=0.1", "train.batch_size=1",
+                                   f"train.zero_stage={stage}"])
+    ds = deepspeed_config(cfg, ctx.world_size)
     hcfg = HybridPeftConfig(lora_r=2, target_modules=TARGETS)
     names = [f"blocks.{i}.mixer.{p}" for i in range(2) for p in TARGETS]
 
@@ -151,10 +151,10 @@ def test_control_modes_train_what_they_should(tmp_path: Path, data_dir: Path, mo
     vocab = json.loads((data_dir / "metadata.json").read_text())["tokenizer"]["vocab_size"]
     base_dir = _base_model(tmp_path / "base", vocab)
     out = tmp_path / mode
-    proc = train(1, [f"data_dir={data_dir}", f"output_dir={out}", f"init_from={base_dir}", "max_steps=3",
-                     "deepspeed_config=ds_configs/zero2_fp32.json", *[a for a in TINY if a != "export_at_end=false"],
-                     "scan_order=false", "masking=false", f"peft_mode={mode}", "learning_rate=0.01", "peft_r=2",
-                     "peft_application_ratio=0.5"])
+    proc = train(1, [f"data.dir={data_dir}", f"train.output_dir={out}", f"train.init_from={base_dir}", "train.max_steps=3",
+                     "train.zero_stage=2", *[a for a in TINY if a != "train.export_at_end=false"],
+                     "scan_order.enabled=false", "masks.enabled=false", f"peft.mode={mode}", "optim.lr=0.01", "peft.lora_r=2",
+                     "peft.application_ratio=0.5"])
     base = AdaptiveMambaForCausalLM.from_pretrained(base_dir).state_dict()
     tuned = load_adaptive_model(out / "export" / "adaptive")
     after = base_state_dict(tuned)

@@ -14,7 +14,7 @@ from torch import Tensor
 from adaptive_mamba import AdaptiveMambaConfig, AdaptiveMambaForCausalLM
 from adaptive_mamba.training import adaptation
 from adaptive_mamba.training.adaptation import PillarController
-from adaptive_mamba.training.config import TrainConfig
+from adaptive_mamba.training.config import load_train_config
 from adaptive_mamba.training.distributed import DistContext
 
 
@@ -67,8 +67,8 @@ def eval_logits(model: AdaptiveMambaForCausalLM, ids: Tensor) -> Tensor:
 
 
 def test_controller_adapts_any_training_run_through_the_protocol() -> None:
-    cfg = TrainConfig(data_source="stdlib", scan_update_frequency=2, peft_start_step=3, peft_reallocation_frequency=0,
-                      mask_learning_rate=0.2)
+    cfg = load_train_config(None, ["data.source=stdlib", "scan_order.every=2", "peft.start_step=3", "peft.every=0",
+                                   "masks.learning_rate=0.2"])
     pillars = PillarController(cfg, DistContext(), total_steps=6)
     torch.manual_seed(0)
     model = pillars.build_structure(AdaptiveMambaForCausalLM(AdaptiveMambaConfig(d_model=32, n_layer=2,

@@ -248,13 +248,10 @@ def test_block_logits_follow_block_aligned_permutations_exactly() -> None:
 
 
 def masked_tiny_model(kind: str) -> AdaptiveMambaForCausalLM:
-    """The trainer's default masks (block size 8 on in_proj, x_proj, out_proj) or another kind, learned-looking
+    """The default masks (MaskConfig: block size 8 on in_proj, x_proj, out_proj) or another kind, learned-looking
     logits of both signs."""
-    from adaptive_mamba.training.config import TrainConfig
-
-    defaults = TrainConfig(data_source="stdlib")
     model = tiny_model()
-    apply_masks(model, MaskConfig(kind=kind, block_size=defaults.mask_block_size, targets=defaults.mask_target_list))
+    apply_masks(model, MaskConfig(kind=kind))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for m in masked_modules(model).values():
@@ -383,14 +380,15 @@ def test_decision_spread_over_ranks_equals_the_single_process_one() -> None:
 
 def test_collector_token_stride_reads_every_nth_token_and_refresh_stays_exact() -> None:
     """token_stride n accumulates tokens 0, n, 2n, ... of each forward (flattened over the batch); the trainer's
-    default stride is what TrainConfig says, and a decision from strided statistics is still an exact refresh."""
-    from adaptive_mamba.training.config import TrainConfig
+    default stride is the scan_order section's, and a decision from strided statistics is still an exact refresh."""
+    from adaptive_mamba.pillars.scan_order import ScanOrderConfig
+    from adaptive_mamba.training.config import load_train_config
 
     model = tiny_model().train()
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
     seen = []
     handle = model.blocks[0].mixer.scan_input.register_forward_hook(lambda m, i, u: seen.append(u.detach().clone()))
-    stride = TrainConfig(data_source="stdlib").scan_token_stride
+    stride = ScanOrderConfig().token_stride
     collector = ScanStatsCollector(model, token_stride=stride)
     collector.enable()
     with torch.no_grad():
@@ -407,5 +405,5 @@ def test_collector_token_stride_reads_every_nth_token_and_refresh_stays_exact() 
         ref = model(ids).logits
         apply_scan_order(model, decision, collector=collector)
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="scan_token_stride"):
-        TrainConfig(data_source="stdlib", scan_token_stride=0)
+    with pytest.raises(ValueError, match="scan_order.token_stride"):
+        load_train_config(None, ["data.source=stdlib", "scan_order.token_stride=0"])

@@ -2,7 +2,7 @@
 
 Two jobs of the same tiny run (2 ranks, one per node, every pillar on) are submitted together: a
 reference that runs uninterrupted, and one that gets `scancel --signal=USR1` mid-training, saves,
-requeues itself and resumes (`resume=auto`). The reference must finish with a checkpoint, a W&B
+requeues itself and resumes (`train.resume=auto`). The reference must finish with a checkpoint, a W&B
 offline run and rank-consistent pillar decisions; the preempted job must end with exactly the
 reference's loss curve and parameters.
 """
@@ -30,27 +30,14 @@ JOB_TIMEOUT_S = 300          # both jobs, start to finish (about 100 s on 2 busy
 RUN_CONFIG = f"""\
 # A tiny run that exercises every pillar: scan-order refreshes (pillar 1) every 2 steps, learned
 # structured masks (pillar 2) throughout, LoRA/IA3 reallocation (pillar 3) every 4 steps.
-d_model: 32
-n_layers: 2
-seq_len: 64
-batch_size: 1
-max_steps: {MAX_STEPS}
-learning_rate: 0.003
-seed: 7
-deepspeed_config: {REPO / "ds_configs" / "cpu_gloo.json"}
-scan_order: true
-scan_update_frequency: 2
-masking: true
-mask_block_size: 8
-peft: true
-peft_r: 4
-peft_reallocation_frequency: 4
-eval_batches: 1
-save_every: 0
-export_at_end: true
-wandb: true
-wandb_mode: offline
-progress_bar: false
+model: {{d_model: 32, n_layer: 2}}
+train: {{seq_len: 64, batch_size: 1, max_steps: {MAX_STEPS}, seed: 7, zero_stage: 2, save_every: 0, export_at_end: true}}
+optim: {{lr: 0.003}}
+scan_order: {{enabled: true, every: 2}}
+masks: {{enabled: true, block_size: 8}}
+peft: {{enabled: true, lora_r: 4, every: 4}}
+eval: {{batches: 1}}
+logging: {{wandb: true, wandb_mode: offline, progress_bar: false}}
 """
 
 
@@ -90,7 +77,7 @@ def slurm_runs(slurm_cluster: SlurmCluster, token_data: Path,  # noqa: F811
     one mid-training, and wait for both to finish."""
     work = tmp_path_factory.mktemp("slurm-jobs")
     config = work / "tiny.yaml"
-    config.write_text(RUN_CONFIG + f"data_dir: {token_data}\n")
+    config.write_text(RUN_CONFIG + f"data: {{dir: {token_data}}}\n")
     env = {**os.environ, "TRAIN_LOG_DIR": str(work / "logs"), "WANDB_MODE": "offline", "TRAIN_PYTHON": sys.executable,
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
 
@@ -98,7 +85,7 @@ def slurm_runs(slurm_cluster: SlurmCluster, token_data: Path,  # noqa: F811
         job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", f"--job-name={name}",
                                       f"--chdir={work}", f"--output={work}/%x-%j.out", "--time=10",
                                       str(REPO / "slurm" / "train.sh"), "--config", str(config),
-                                      f"output_dir={work / name}", env=env, cwd=REPO)
+                                      f"train.output_dir={work / name}", env=env, cwd=REPO)
         return SlurmRun(job_id, name, work / name, work / f"{name}-{job_id}.out",
                         work / "logs" / f"{name}-{job_id}", {})
 
@@ -218,13 +205,13 @@ def test_scancel_sigterm_with_wandb_saves_a_complete_checkpoint(slurm_cluster: S
     from adaptive_mamba.training.checkpointing import latest_checkpoint, verify_checkpoint
 
     config = tmp_path / "tiny.yaml"
-    config.write_text(RUN_CONFIG.replace(f"max_steps: {MAX_STEPS}", "max_steps: 200") + f"data_dir: {token_data}\n")
+    config.write_text(RUN_CONFIG.replace(f"max_steps: {MAX_STEPS}", "max_steps: 200") + f"data: {{dir: {token_data}}}\n")
     out = tmp_path / "cancelled"
     env = {**os.environ, "TRAIN_LOG_DIR": str(tmp_path / "logs"), "WANDB_MODE": "offline", "TRAIN_PYTHON": sys.executable,
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
     job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--job-name=cancelled", f"--chdir={tmp_path}",
                                   f"--output={tmp_path}/%x-%j.out", "--time=10", str(REPO / "slurm" / "train.sh"),
-                                  "--config", str(config), f"output_dir={out}", env=env, cwd=REPO)
+                                  "--config", str(config), f"train.output_dir={out}", env=env, cwd=REPO)
     run = SlurmRun(job_id, "cancelled", out, tmp_path / f"cancelled-{job_id}.out", tmp_path / "logs" / f"cancelled-{job_id}",
                    {})
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -251,11 +238,11 @@ def test_bad_input_exits_2_under_srun(slurm_cluster: SlurmCluster, tmp_path: Pat
     env = {**os.environ, "TRAIN_LOG_DIR": str(tmp_path / "logs"), "TRAIN_PYTHON": sys.executable}
     job_id = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--job-name=bad", f"--chdir={tmp_path}",
                                   f"--output={tmp_path}/%x-%j.out", str(REPO / "slurm" / "train.sh"),
-                                  "data_source=stdlib", f"output_dir={tmp_path / 'out'}", "peft_r=0", env=env, cwd=REPO)
+                                  "data.source=stdlib", f"train.output_dir={tmp_path / 'out'}", "peft.lora_r=0", env=env, cwd=REPO)
     record = slurm_cluster.wait_until_finished(job_id, timeout=180)
     batch_log = (tmp_path / f"bad-{job_id}.out").read_text()
     assert (record["JobState"], record["ExitCode"]) == ("FAILED", "2:0"), (record, batch_log)
     assert "training failed with exit status 2" in batch_log
     records = [json.loads(p.read_text()) for p in (tmp_path / "logs" / f"bad-{job_id}" / "exit-attempt-1").glob("*.json")]
     assert sorted(r["code"] for r in records) == [2, 2]
-    assert "peft_r=0 is invalid: it must be >= 1" in records[0]["message"]
+    assert "peft.lora_r=0 is invalid: it must be >= 1" in records[0]["message"]

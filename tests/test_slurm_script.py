@@ -117,7 +117,7 @@ def test_missing_default_config_is_named(tmp_path: Path) -> None:
 def test_dry_run_for_4_nodes_x_8_gpus(tmp_path: Path, config_file: Path) -> None:
     env = fake_allocation("gpu-a[07-10]", 4, "8(x4)", 32, job_id=4242, SLURM_GPUS_ON_NODE="8",
                           SLURM_CPUS_ON_NODE="96", TRAIN_LOG_DIR=str(tmp_path / "logs"))
-    exports, argv = dry_run(env, "--config", str(config_file), "max_steps=500", "wandb_run_name=big run")
+    exports, argv = dry_run(env, "--config", str(config_file), "train.max_steps=500", "logging.run_name=big run")
     assert exports == {"MASTER_ADDR": "gpu-a07", "MASTER_PORT": str(10000 + 4242 % 20000), "WORLD_SIZE": "32",
                        "OMP_NUM_THREADS": "12"}
     python = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else "python3"
@@ -125,7 +125,7 @@ def test_dry_run_for_4_nodes_x_8_gpus(tmp_path: Path, config_file: Path) -> None
         "srun", "--nodes=4", "--ntasks=32", "--kill-on-bad-exit=0", "--wait=120", "--open-mode=append",
         f"--output={tmp_path / 'logs'}/am-4242/rank-%t.log",
         str(RANK_ENV), python, str(REPO / "launch" / "train.py"),
-        "--config", str(config_file), "max_steps=500", "wandb_run_name=big run", "resume=auto"]
+        "--config", str(config_file), "train.max_steps=500", "logging.run_name=big run", "train.resume=auto"]
     assert not (tmp_path / "logs").exists(), "a dry run must not create anything"
 
 
@@ -135,7 +135,7 @@ def test_dry_run_defaults_and_knobs(tmp_path: Path) -> None:
     env = fake_allocation("cpu[1-2]", 2, "1(x2)", 2, SLURM_CPUS_PER_TASK="6", TRAIN_PYTHON="/opt/py/bin/python",
                           TRAIN_SRUN_ARGS="--container-image=img.sqsh --container-mounts=/data:/data",
                           MASTER_PORT="29500", TRAIN_EXIT_WAIT="30", TRAIN_SETUP=str(setup))
-    exports, argv = dry_run(env, "resume=none", "seed=3")
+    exports, argv = dry_run(env, "train.resume=none", "train.seed=3")
     assert not (tmp_path / "sourced").exists(), "a dry run must not source TRAIN_SETUP"
     assert exports["MASTER_PORT"] == "29500" and exports["OMP_NUM_THREADS"] == "6"
     assert argv[:9] == ["srun", "--nodes=2", "--ntasks=2", "--kill-on-bad-exit=0", "--wait=30",
@@ -143,7 +143,7 @@ def test_dry_run_defaults_and_knobs(tmp_path: Path) -> None:
                         "--cpus-per-task=6", "--container-image=img.sqsh"]
     assert argv[9:] == ["--container-mounts=/data:/data", str(RANK_ENV), "/opt/py/bin/python",
                         str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml"),
-                        "resume=none", "seed=3"]   # the user's resume= wins: no resume=auto added
+                        "train.resume=none", "train.seed=3"]   # the user's train.resume= wins: none added
 
 
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="Slurm is not installed (.ci/install_slurm.sh)")

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 
 TINY_MODE = {"seeds": 2, "regimes": ["finetune"], "grid_points": 1, "lr_sweep": [], "pretrain_steps": 20,
              "corpus_mb": 0.3,
-             "train": {"d_model": 32, "n_layers": 2, "seq_len": 128, "batch_size": 2, "max_steps": 8,
-                       "learning_rate": 3e-3, "eval_every": 4, "log_every": 4, "eval_batches": 2,
-                       "scan_update_frequency": 4, "peft_reallocation_frequency": 4}}
+             "train": {"model.d_model": 32, "model.n_layer": 2, "train.seq_len": 128, "train.batch_size": 2,
+                       "train.max_steps": 8, "optim.lr": 3e-3, "eval.every": 4, "logging.every": 4, "eval.batches": 2,
+                       "scan_order.every": 4, "peft.every": 4}}
 
 
 def _definition(tmp: Path) -> Path:
@@ -98,7 +98,7 @@ def test_artefacts_hold_every_run_and_metric(study: dict) -> None:
     # the frozen-base arms train far fewer parameters than full fine-tuning (base)
     assert arms["all"]["trainable_params"]["mean"] < arms["base"]["trainable_params"]["mean"]
     matched = [r for r in result["runs"] if r["arm"] == "lora_matched"]
-    assert all(isinstance(r["overrides"]["peft_r"], int) and r["notes"]["matched_budget"] > 0 for r in matched)
+    assert all(isinstance(r["overrides"]["peft.lora_r"], int) and r["notes"]["matched_budget"] > 0 for r in matched)
     assert {"finetune/masks", "finetune/all_vs_base", "finetune/scan_alone", "finetune/all_vs_lora_matched"} <= \
         set(result["effects"])
     assert {c["claim"] for c in result["claims"]} >= {"85-95% fewer trainable parameters", "30-70% sparsity"}

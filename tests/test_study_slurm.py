@@ -21,9 +21,9 @@ def test_study_runs_as_job_arrays_and_reports(slurm_cluster: SlurmCluster, share
     spec = yaml.safe_load((REPO / "configs" / "study.yaml").read_text())
     spec["modes"] = {"pilot": {"seeds": 1, "regimes": ["finetune"], "grid_points": 0, "lr_sweep": [],
                                "pretrain_steps": 10, "corpus_mb": 0.2,
-                               "train": {"d_model": 32, "n_layers": 1, "seq_len": 64, "batch_size": 2, "max_steps": 4,
-                                         "eval_every": 2, "eval_batches": 1, "scan_update_frequency": 2,
-                                         "peft_reallocation_frequency": 2}}}
+                               "train": {"model.d_model": 32, "model.n_layer": 1, "train.seq_len": 64,
+                                         "train.batch_size": 2, "train.max_steps": 4, "eval.every": 2,
+                                         "eval.batches": 1, "scan_order.every": 2, "peft.every": 2}}}
     spec["cells"] = {k: spec["cells"][k] for k in ("base", "all")}
     spec["controls"] = {"lora_matched": spec["controls"]["lora_matched"]}    # a second wave: needs `all`
     definition = tmp_path / "study.yaml"

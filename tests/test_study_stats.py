@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def test_pilot_plan_has_every_cell_and_control_with_paired_seeds(spec: StudySpec
     by_id = plan.by_id()
     for run in plan.runs:                       # every run comes after what it needs
         assert all(by_id[n].wave < run.wave for n in run.needs)
-    matched = [r for r in plan.runs if r.overrides.get("peft_r") == MATCHED]
+    matched = [r for r in plan.runs if r.overrides.get("peft.lora_r") == MATCHED]
     assert matched and all(r.needs == ("finetune-all-s0",) for r in matched)
 
 
@@ -56,15 +57,15 @@ def test_sweep_and_matched_rank_resolve_from_results(spec: StudySpec) -> None:
     d_inner, dt_rank, d_state = 128, 4, 16
     assert per_rank == 2 * ((64 + 2 * d_inner) + (d_inner + dt_rank + 2 * d_state) + (d_inner + 64))
 
-    matched = RunSpec("finetune", "lora_matched", 0, {"peft_r": MATCHED}, needs=("a", "b"))
+    matched = RunSpec("finetune", "lora_matched", 0, {"peft.lora_r": MATCHED}, needs=("a", "b"))
     budgets = {"a": {"arm": "all", "trainable_params": 3.2 * per_rank},
                "b": {"arm": "all", "trainable_params": 3.6 * per_rank}}
     overrides, scale, notes = resolve_overrides(matched, budgets, model, targets)
-    assert overrides["peft_r"] == 3 and scale == 1.0 and notes["matched_budget"] == pytest.approx(3.4 * per_rank)
+    assert overrides["peft.lora_r"] == 3 and scale == 1.0 and notes["matched_budget"] == pytest.approx(3.4 * per_rank)
 
     sweep = {f"s{x}": {"run_id": f"s{x}", "arm": "lora_matched", "lr_scale": x, "eval_loss": loss}
              for x, loss in ((0.5, 3.0), (1.0, 2.5), (2.0, 2.7))}
-    swept = RunSpec("finetune", "lora_matched", 1, {"peft_r": 4}, lr_scale=SWEPT, needs=tuple(sweep))
+    swept = RunSpec("finetune", "lora_matched", 1, {"peft.lora_r": 4}, lr_scale=SWEPT, needs=tuple(sweep))
     assert resolve_overrides(swept, sweep, model, targets)[1] == 1.0
     with pytest.raises(ValueError, match="needs the results"):
         resolve_overrides(swept, {}, model, targets)
@@ -123,13 +124,17 @@ def test_convergence_and_effects_from_results(tmp_path: Path) -> None:
 
 def test_every_run_of_every_mode_is_a_valid_train_config(spec: StudySpec, tmp_path: Path) -> None:
     """configs/study.yaml: each run of each mode builds a TrainConfig (unknown keys and bad values would fail)."""
-    from adaptive_mamba.study.runner import RunContext, train_config
-    from adaptive_mamba.training.config import TrainConfig
+    from adaptive_mamba.study.runner import RunContext, train_config, write_run_config
+    from adaptive_mamba.training.config import load_train_config
 
     for mode in spec.modes:
         ctx = RunContext(spec, mode, tmp_path, REPO, {"pretrain": tmp_path / "a", "finetune": tmp_path / "b"},
                          base_model=tmp_path / "base")
         for run in build_plan(spec, mode).runs:
-            overrides = {**run.overrides, "peft_r": 2} if run.overrides.get("peft_r") == MATCHED else run.overrides
-            cfg = TrainConfig(**train_config(run, ctx, overrides, 1.0))
-            assert cfg.seed == run.seed and (cfg.init_from is not None) == (run.regime == "finetune")
+            matched = run.overrides.get("peft.lora_r") == MATCHED
+            write_run_config(train_config(run, ctx, {**run.overrides, "peft.lora_r": 2} if matched else run.overrides,
+                                          1.0), tmp_path / "config.yaml")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")          # no deprecated keys either
+                cfg = load_train_config(tmp_path / "config.yaml")
+            assert cfg.train.seed == run.seed and (cfg.train.init_from is not None) == (run.regime == "finetune")

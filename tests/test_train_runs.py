@@ -17,8 +17,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TINY = ["d_model=32", "n_layers=2", "seq_len=128", "batch_size=1", "wandb=false", "progress_bar=false",
-        "mask_block_size=8", "eval_batches=1", "export_at_end=false"]
+TINY = ["model.d_model=32", "model.n_layer=2", "train.seq_len=128", "train.batch_size=1", "logging.wandb=false",
+        "logging.progress_bar=false", "masks.block_size=8", "eval.batches=1", "train.export_at_end=false"]
 
 pytestmark = pytest.mark.distributed
 
@@ -71,16 +71,16 @@ def consistency(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "consistency.jsonl").read_text().splitlines()]
 
 
-PILLARS = ["scan_update_frequency=2", "peft_start_step=3", "peft_reallocation_frequency=2",
-           "mask_learning_rate=0.2"]
+PILLARS = ["scan_order.every=2", "peft.start_step=3", "peft.every=2",
+           "masks.learning_rate=0.2"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_pillars_stay_identical(tmp_path: Path, data_dir: Path, stage: int) -> None:
     out = tmp_path / f"zero{stage}"
-    proc = train(2, [f"data_dir={data_dir}", f"output_dir={out}", f"deepspeed_config=ds_configs/zero{stage}_fp32.json",
-                     "max_steps=6", *TINY, *PILLARS])
+    proc = train(2, [f"data.dir={data_dir}", f"train.output_dir={out}", f"train.zero_stage={stage}",
+                     "train.max_steps=6", *TINY, *PILLARS])
     checks = consistency(out)
     tags = [c["tag"] for c in checks]
     assert "scan_order" in tags[0] and any("allocation" in t for t in tags) and tags[-1] == "end"
@@ -95,12 +95,12 @@ def test_two_ranks_pillars_stay_identical(tmp_path: Path, data_dir: Path, stage:
 
 @pytest.mark.slow
 def test_sigterm_then_resume_is_exact(tmp_path: Path, data_dir: Path) -> None:
-    common = [f"data_dir={data_dir}", "deepspeed_config=ds_configs/zero2_fp32.json", "max_steps=8", *TINY, *PILLARS]
+    common = [f"data.dir={data_dir}", "train.zero_stage=2", "train.max_steps=8", *TINY, *PILLARS]
     straight = tmp_path / "straight"
-    train(2, [f"output_dir={straight}", *common])
+    train(2, [f"train.output_dir={straight}", *common])
 
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(_cmd(2, [f"output_dir={resumed}", *common]), cwd=REPO, env=_env(),
+    proc = subprocess.Popen(_cmd(2, [f"train.output_dir={resumed}", *common]), cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
@@ -114,7 +114,7 @@ def test_sigterm_then_resume_is_exact(tmp_path: Path, data_dir: Path) -> None:
     assert killed_at < 8, "the run finished before the signal arrived"
     assert (resumed / "checkpoints" / f"step_{killed_at:08d}" / "MANIFEST.json").is_file()
 
-    train(2, [f"output_dir={resumed}", "resume=auto", *common])
+    train(2, [f"train.output_dir={resumed}", "train.resume=auto", *common])
     a, b = metrics(straight), metrics(resumed)
     assert sorted(b) == list(range(1, 9))
     for step in a:
@@ -130,15 +130,15 @@ def test_zero_stages_and_one_process_agree_with_all_pillars_on(tmp_path: Path, d
     Losses and gradient norms agree within 1e-4 over all 20 steps (scan-order refreshes at 4, 8, 12, 16 and
     reallocations at 6, 12, 18 make the same discrete choices everywhere: exact scan statistics and path costs), and
     the gradient norm is a real number at every step everywhere."""
-    common = [f"data_dir={data_dir}", "max_steps=20", "verify_ranks=false", "eval_every=5", *TINY, *PILLARS,
-              "scan_update_frequency=4", "peft_start_step=6", "peft_reallocation_frequency=6"]
-    runs = {"zero3": (2, ["deepspeed_config=ds_configs/zero3_fp32.json"]),
-            "zero2": (2, ["deepspeed_config=ds_configs/zero2_fp32.json"]),
-            "zero0": (2, ["deepspeed_config=ds_configs/zero0.json"]),
-            "single": (1, ["deepspeed_config=ds_configs/zero0.json", "grad_accum_steps=2"])}
+    common = [f"data.dir={data_dir}", "train.max_steps=20", "train.verify_ranks=false", "eval.every=5", *TINY, *PILLARS,
+              "scan_order.every=4", "peft.start_step=6", "peft.every=6"]
+    runs = {"zero3": (2, ["train.zero_stage=3"]),
+            "zero2": (2, ["train.zero_stage=2"]),
+            "zero0": (2, ["train.zero_stage=0"]),
+            "single": (1, ["train.zero_stage=0", "train.grad_accum_steps=2"])}
     curves, decisions = {}, {}
     for name, (nproc, extra) in runs.items():
-        proc = train(nproc, [f"output_dir={tmp_path / name}", *common, *extra], timeout=480)
+        proc = train(nproc, [f"train.output_dir={tmp_path / name}", *common, *extra], timeout=480)
         assert "PEFT allocation at step 6" in proc.stdout and "scan order refreshed at step 4" in proc.stdout
         pillars = json.loads((tmp_path / name / "checkpoints" / "step_00000020" / "trainer.json").read_text())["pillars"]
         decisions[name] = ([d["perms"] for d in pillars["scan_decisions"]], pillars["allocation_history"])
@@ -170,10 +170,10 @@ def test_finetune_from_transformers_checkpoint(tmp_path: Path, data_dir: Path) -
     base_dir = tmp_path / "hf_base"
     hf.save_pretrained(base_dir)
     out = tmp_path / "ft"
-    train(1, [f"data_dir={data_dir}", f"output_dir={out}", f"init_from={base_dir}", "max_steps=6",
-              "deepspeed_config=ds_configs/zero2_fp32.json", *[a for a in TINY if a != "export_at_end=false"],
-              "scan_update_frequency=2", "peft_start_step=3", "peft_reallocation_frequency=0",
-              "mask_learning_rate=0.2", "learning_rate=0.01"])
+    train(1, [f"data.dir={data_dir}", f"train.output_dir={out}", f"train.init_from={base_dir}", "train.max_steps=6",
+              "train.zero_stage=2", *[a for a in TINY if a != "train.export_at_end=false"],
+              "scan_order.every=2", "peft.start_step=3", "peft.every=0",
+              "masks.learning_rate=0.2", "optim.lr=0.01"])
     base = AdaptiveMambaForCausalLM.from_pretrained(base_dir)
     tuned = load_adaptive_model(out / "export" / "adaptive")
     order = tuned.config.extra["scan_order"]
@@ -209,27 +209,27 @@ def test_finetune_from_transformers_checkpoint(tmp_path: Path, data_dir: Path) -
 
 @pytest.mark.slow
 def test_bad_inputs_fail_clearly(tmp_path: Path, data_dir: Path) -> None:
-    base = [f"data_dir={data_dir}", "max_steps=2", "deepspeed_config=ds_configs/zero0.json", *TINY]
-    proc = train(1, [*base, f"output_dir={tmp_path / 'a'}", "learning_rat=1"], expect=2)
-    assert "did you mean 'learning_rate'" in proc.stderr
-    proc = train(1, [*base, f"output_dir={tmp_path / 'b'}", f"data_dir={tmp_path / 'nothing'}"], expect=2)
+    base = [f"data.dir={data_dir}", "train.max_steps=2", "train.zero_stage=0", *TINY]
+    proc = train(1, [*base, f"train.output_dir={tmp_path / 'a'}", "learning_rat=1"], expect=2)
+    assert "did you mean 'optim.lr'" in proc.stderr
+    proc = train(1, [*base, f"train.output_dir={tmp_path / 'b'}", f"data.dir={tmp_path / 'nothing'}"], expect=2)
     assert "holds no token shards" in proc.stderr and "python -m data_prep" in proc.stderr
-    proc = train(1, [*base, f"output_dir={tmp_path / 'c'}", "packing=pad", "seq_len=10000000"], expect=2)
-    assert "larger than the longest document" in proc.stderr and "packing=pack" in proc.stderr
+    proc = train(1, [*base, f"train.output_dir={tmp_path / 'c'}", "data.packing=pad", "train.seq_len=10000000"], expect=2)
+    assert "larger than the longest document" in proc.stderr and "data.packing=pack" in proc.stderr
 
     good = tmp_path / "good"
-    train(1, [*base, f"output_dir={good}", "save_every=1", "max_steps=2", "masking=false", "peft=false"])
+    train(1, [*base, f"train.output_dir={good}", "train.save_every=1", "train.max_steps=2", "masks.enabled=false", "peft.enabled=false"])
     ckpt = good / "checkpoints" / "step_00000002"
     victim = next(ckpt.rglob("*model_states.pt"))
     victim.write_bytes(victim.read_bytes()[:-100])
-    proc = train(1, [*base, f"output_dir={good}", "resume=auto", "max_steps=3", "masking=false", "peft=false"],
+    proc = train(1, [*base, f"train.output_dir={good}", "train.resume=auto", "train.max_steps=3", "masks.enabled=false", "peft.enabled=false"],
                  expect=2)
     assert "does not match its manifest" in proc.stderr and "corrupt" in proc.stderr
     assert (good / "checkpoints" / "step_00000001" / "MANIFEST.json").is_file()      # the earlier one is intact
 
     nan = tmp_path / "nan"
-    proc = train(1, [*base, f"output_dir={nan}", "learning_rate=1e30", "grad_clip=0", "max_steps=6",
-                     "masking=false", "peft=false", "save_every=1", "warmup_steps=0"], expect=1)
+    proc = train(1, [*base, f"train.output_dir={nan}", "optim.lr=1e30", "optim.grad_clip=0", "train.max_steps=6",
+                     "masks.enabled=false", "peft.enabled=false", "train.save_every=1", "optim.warmup_steps=0"], expect=1)
     assert "non-finite loss" in proc.stderr and "Last checkpoint: " in proc.stderr
     from adaptive_mamba.training.checkpointing import latest_checkpoint, verify_checkpoint
 
@@ -268,9 +268,9 @@ def test_interrupted_save_keeps_last_good(tmp_path: Path) -> None:
 def test_long_sequence_16k_with_activation_checkpointing(tmp_path: Path, data_dir: Path) -> None:
     """seq_len 16384 trains on CPU with each block checkpointed (memory vs length: bench/bench_train_memory.py)."""
     out = tmp_path / "long"
-    proc = train(1, [f"data_dir={data_dir}", f"output_dir={out}", "deepspeed_config=ds_configs/zero2_fp32.json",
-                     "max_steps=2", *TINY, "seq_len=16384", "gradient_checkpointing=auto", "scan_update_frequency=1",
-                     "peft=false"])
+    proc = train(1, [f"data.dir={data_dir}", f"train.output_dir={out}", "train.zero_stage=2",
+                     "train.max_steps=2", *TINY, "train.seq_len=16384", "train.gradient_checkpointing=auto", "scan_order.every=1",
+                     "peft.enabled=false"])
     assert "seq_len 16384, activation checkpointing on" in proc.stdout
     rows = metrics(out)
     assert sorted(rows) == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows.values())
@@ -328,8 +328,8 @@ def test_sigterm_with_wandb_saves_and_exits_99(tmp_path: Path, data_dir: Path, n
     anything touches W&B), the exit status is 99 (through launch/run.py under torchrun), and the resumed run
     continues the same W&B run and finishes."""
     out = tmp_path / "run"
-    args = [f"data_dir={data_dir}", f"output_dir={out}", "deepspeed_config=ds_configs/zero2_fp32.json",
-            "max_steps=40", *TINY, "wandb=true", "wandb_mode=offline", *PILLARS]
+    args = [f"data.dir={data_dir}", f"train.output_dir={out}", "train.zero_stage=2",
+            "train.max_steps=40", *TINY, "logging.wandb=true", "logging.wandb_mode=offline", *PILLARS]
     cmd = _cmd(nproc, args) if nproc == 1 else [PY, "launch/run.py", *_cmd(nproc, args)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sigterm_like_a_scheduler(proc, out)
@@ -343,7 +343,7 @@ def test_sigterm_with_wandb_saves_and_exits_99(tmp_path: Path, data_dir: Path, n
     assert state["step"] == max(metrics(out)) and len(list(checkpoint.glob("rank_*.pt"))) == nproc
     if nproc == 2:
         return
-    resumed = [*args, "resume=auto", f"max_steps={state['step'] + 1}"]
+    resumed = [*args, "train.resume=auto", f"train.max_steps={state['step'] + 1}"]
     proc = train(1, resumed, timeout=480)
     assert f"resumed from {checkpoint} at step {state['step']}" in proc.stdout
     run_id = (out / "wandb_run_id.txt").read_text().strip()
@@ -391,14 +391,14 @@ def test_exit_records_combine_into_one_contract() -> None:
 @pytest.mark.parametrize("launcher", ["python", "torchrun", "deepspeed"])
 def test_bad_input_exits_2_under_every_launcher(tmp_path: Path, launcher: str) -> None:
     """A bad value is exit 2 (not torchrun's or deepspeed's 1) with a one-line error, through launch/run.py."""
-    args = ["launch/train.py", "data_source=stdlib", f"output_dir={tmp_path}", "peft_r=0"]
+    args = ["launch/train.py", "data.source=stdlib", f"train.output_dir={tmp_path}", "peft.lora_r=0"]
     cmd = {"python": [PY, *args],
            "torchrun": [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()), *args],
            "deepspeed": [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()), *args]}
     proc = subprocess.run([PY, "launch/run.py", *cmd[launcher]], cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "error: command line: peft_r=0 is invalid: it must be >= 1" in proc.stderr
+    assert "error: command line: peft.lora_r=0 is invalid: it must be >= 1" in proc.stderr
 
 
 def test_corrupt_shard_and_foreign_tokenizer_exit_2_before_training(tmp_path: Path, data_dir: Path,
@@ -412,13 +412,13 @@ def test_corrupt_shard_and_foreign_tokenizer_exit_2_before_training(tmp_path: Pa
     from adaptive_mamba.tokenizer import train_sentencepiece
 
     data = Path(shutil.copytree(data_dir, tmp_path / "data"))
-    base = ["deepspeed_config=ds_configs/zero0.json", "max_steps=2", *TINY]
+    base = ["train.zero_stage=0", "train.max_steps=2", *TINY]
     shard = sorted((data / "train").glob("*.bin"))[0].resolve()
     with shard.open("r+b") as f:
         f.seek(64)
         f.write(b"\x07\x00\x07\x00")
     out = tmp_path / "corrupt"
-    proc = train(1, [f"data_dir={data}", f"output_dir={out}", *base], expect=2)
+    proc = train(1, [f"data.dir={data}", f"train.output_dir={out}", *base], expect=2)
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and f"shard {shard} does not match the sha256" in errors[0], proc.stderr[-3000:]
     assert not (out / "metrics.jsonl").exists()
@@ -428,18 +428,18 @@ def test_corrupt_shard_and_foreign_tokenizer_exit_2_before_training(tmp_path: Pa
     assert foreign.vocab_size == 512
     AdaptiveMambaForCausalLM(AdaptiveMambaConfig(d_model=32, n_layer=2, vocab_size=512)).save_pretrained(
         tmp_path / "model")
-    proc = train(1, [f"data_dir={data_dir}", f"output_dir={tmp_path / 'ft'}", f"init_from={tmp_path / 'model'}",
+    proc = train(1, [f"data.dir={data_dir}", f"train.output_dir={tmp_path / 'ft'}", f"train.init_from={tmp_path / 'model'}",
                      *base], expect=2)
-    assert f"init_from={tmp_path / 'model'} was made with a different tokenizer" in proc.stderr, proc.stderr[-3000:]
+    assert f"train.init_from={tmp_path / 'model'} was made with a different tokenizer" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_resume_refuses_a_checkpoint_of_another_tokenizer(data_dir: Path) -> None:
     from adaptive_mamba.data import TokenShards
     from adaptive_mamba.tokenizer import TokenizerMismatchError
-    from adaptive_mamba.training.config import TrainConfig
+    from adaptive_mamba.training.config import load_train_config
     from adaptive_mamba.training.data_setup import check_tokenizer
 
-    shards, cfg = TokenShards(data_dir, "train"), TrainConfig(data_dir=str(data_dir))
+    shards, cfg = TokenShards(data_dir, "train"), load_train_config(None, [f"data.dir={data_dir}"])
     own = check_tokenizer(shards, cfg, Path("ckpt"), {"tokenizer_sha256": shards.tokenizer().content_hash()})
     assert own == shards.tokenizer().content_hash()
     with pytest.raises(TokenizerMismatchError, match="the checkpoint ckpt was made with a different tokenizer"):

@@ -21,8 +21,11 @@ Read them in training, per data-parallel rank::
 ``train.tokenizer()`` loads the tokenizer saved next to the shards.
 """
 from adaptive_mamba.data.loader import IGNORE_INDEX, WindowSampler
-from adaptive_mamba.data.shards import CorruptShardError, DataPrepConfig, TokenShards, build_shards, token_dtype_for
+from adaptive_mamba.data.shards import (CorruptShardError, DataConfig, DataPrepConfig, TokenShards, build_shards,
+                                      token_dtype_for)
 from adaptive_mamba.data.sources import Document, DocumentReader, SkipStats, split_wikitext_articles
 
-__all__ = ["CorruptShardError", "DataPrepConfig", "build_shards", "TokenShards", "token_dtype_for", "WindowSampler",
-           "IGNORE_INDEX", "Document", "DocumentReader", "SkipStats", "split_wikitext_articles"]
+__all__ = ["CorruptShardError", "DataConfig", "DataPrepConfig", "build_shards", "TokenShards", "token_dtype_for",
+           "WindowSampler",
+           "IGNORE_INDEX", "Document", "DocumentReader",
+           "SkipStats", "split_wikitext_articles"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adaptive_mamba.data.shards import TokenShards
+from adaptive_mamba.data.shards import PACKING_MODES, TokenShards
 
 IGNORE_INDEX = -100
 
@@ -45,8 +45,8 @@ class WindowSampler:
     def __init__(self, shards: TokenShards, seq_len: int, batch_size: int = 1, rank: int = 0,
                  world_size: int = 1, seed: int = 0, mode: str = "pack", shuffle: bool = True,
                  drop_last: bool = False) -> None:
-        if mode not in ("pack", "pad", "document"):
-            raise ValueError(f"mode must be 'pack', 'pad' or 'document', got {mode!r}")
+        if mode not in PACKING_MODES:
+            raise ValueError(f"mode must be one of {list(PACKING_MODES)}, got {mode!r}")
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1 (got {seq_len}, {batch_size})")
         if not 0 <= rank < world_size:

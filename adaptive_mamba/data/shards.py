@@ -32,6 +32,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from adaptive_mamba.config import above, at_least, between, setting
 from adaptive_mamba.data.bulk_encode import BulkEncoder
 from adaptive_mamba.data.sources import Document, DocumentReader
 from adaptive_mamba.fileio import file_sha256
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 
+
+PACKING_MODES = ("pack", "pad", "document")     # how WindowSampler cuts shards into windows
 
 @dataclass
 class DataPrepConfig:
@@ -94,6 +97,34 @@ class DataPrepConfig:
         for k in ("out_dir", "num_workers", "overwrite"):
             d.pop(k)
         return d
+
+
+@dataclass
+class DataConfig:
+    """The `data` section of a training config: where the token shards are, and how to build them when missing
+    (`prep_config`, consumed by `build_shards`) and cut them into training windows (`packing`)."""
+
+    dir: str | None = setting(None, "token shards from data_prep (None: <train.output_dir>/data); built there first "
+                              "when missing and source is set")
+    source: str | None = setting(None, "build the shards from this source: stdlib | folder:PATH | hf:NAME (None: "
+                                 "dir must hold shards)")
+    tokenizer: str = setting(DataPrepConfig.tokenizer, "tokenizer for building shards: sentencepiece:VOCAB | hf:PATH "
+                             "| a tokenizer folder")
+    max_mb: float | None = setting(None, "cap on the source text when building shards (MiB)", check=above(0))
+    val_fraction: float = setting(DataPrepConfig.val_fraction, "fraction of documents held out for validation",
+                                  check=between(0, 1, True))
+    hf_split: str = setting(DataPrepConfig.hf_split, "split of an hf: source")
+    num_workers: int = setting(DataPrepConfig.num_workers, "tokenizer processes when building shards",
+                               check=at_least(1))
+    packing: str = setting("pack", "pack: concatenate documents | pad: one document per window | document: whole "
+                           "documents (cut at seq_len), unpadded", choices=PACKING_MODES)
+
+    def prep_config(self, out_dir: Path, seed: int) -> DataPrepConfig:
+        """The shard build of this section (requires `source`)."""
+        max_bytes = None if self.max_mb is None else int(self.max_mb * 2 ** 20)
+        return DataPrepConfig(out_dir=out_dir, source=self.source, tokenizer=self.tokenizer, max_bytes=max_bytes,
+                              val_fraction=self.val_fraction, hf_split=self.hf_split, num_workers=self.num_workers,
+                              seed=seed)
 
 
 def token_dtype_for(vocab_size: int, requested: str = "auto") -> np.dtype:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
 
 PROJECTIONS: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj")
+DEFAULT_TARGETS: tuple[str, ...] = ("in_proj", "x_proj", "out_proj")   # masked and adapted by default
 D_INNER_SIDE: dict[str, str] = {"in_proj": "out", "x_proj": "in", "dt_proj": "out", "out_proj": "in"}
 
 

@@ -25,8 +25,8 @@ module, L << 0, highest):
 A module whose hard mask keeps nothing (`pruned_modules`) never gets an adapter, whatever its importance.
 
 Allocation (n adaptable modules ranked by importance, descending; ties broken by module name, ascending):
-    n_adapted = floor(peft_application_ratio * n + 1/2)                           (round half up, exact decimals)
-    n_lora    = min(n_adapted, floor(importance_threshold * peft_application_ratio * n + 1/2))
+    n_adapted = floor(application_ratio * n + 1/2)                           (round half up, exact decimals)
+    n_lora    = min(n_adapted, floor(importance_threshold * application_ratio * n + 1/2))
     the first n_lora modules get LoRA, the next n_adapted - n_lora get IA3, the rest are frozen. Pruned modules
     are skipped (frozen); the counts come from all n modules, capped at the number of live ones.
 The seed's example (4 layers x 4 projections = 16 modules, threshold 0.5, ratio 0.3): n_adapted = floor(5.3) = 5,
@@ -65,7 +65,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import LoraVariant
 from torch import Tensor, nn
 
-from adaptive_mamba.config import check_known_keys
+from adaptive_mamba.config import above, at_least, between, check_known_keys, setting
 from adaptive_mamba.model import parameter_counts
 from adaptive_mamba.pillars.common import (PROJECTIONS, base_layer, check_projections, iter_projections,
                                            resolve_module)
@@ -76,30 +76,48 @@ if TYPE_CHECKING:
 
 KINDS = ("lora", "ia3", "frozen")
 IMPORTANCE_SOURCES = ("saliency", "activations", "random")
+PEFT_MODES = ("hybrid", "lora", "ia3", "full")
 KIND_LABELS = {"lora": "LoRA", "ia3": "IA3", "frozen": "frozen"}
 ADAPTER_NAMES = {"lora": "lora", "ia3": "ia3"}     # peft adapter name per kind
 
 
 @dataclass
 class HybridPeftConfig:
-    importance_threshold: float = 0.5        # fraction of the adapted modules that get LoRA (the most important)
-    peft_application_ratio: float = 0.3      # fraction of all adaptable modules that get an adapter
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = PROJECTIONS
-    importance_source: str = "saliency"      # "saliency" (mean |W * grad|), "activations" (mean mask over T) or
-                                             # "random" (a control: uniform in [0, 1), seeded by seed and step)
-    importance_window: int = 100             # T, for "activations" (at most MaskConfig.activation_window)
-    train_masks: bool = True                 # keep training the mask logits next to the adapters
-    on_kind_change: str = "merge"            # adapters of modules that change kind: "merge" into W or "remove"
-    ia3_scale_inputs: tuple[str, ...] = ("x_proj", "out_proj")   # IA3 scales these projections' inputs (else outputs)
-    seed: int = 0
+    """Pillar 3 settings (the `peft` section of a training config). In training, target_modules follows
+    masks.targets and seed follows train.seed."""
+
+    enabled: bool = setting(True, "attach adapters (pillar 3)")
+    mode: str = setting("hybrid", "hybrid (allocation by importance) | lora / ia3 (that adapter on every target "
+                        "projection) | full (no adapters, every weight trains)", choices=PEFT_MODES)
+    importance_source: str = setting("saliency", "hybrid: saliency (mean |W * grad|, masks optional) | activations "
+                                     "(mean mask activation over the last importance_window steps; needs masks) | "
+                                     "random (a control: seeded uniform importance at the same budget)",
+                                     choices=IMPORTANCE_SOURCES)
+    importance_threshold: float = setting(0.5, "fraction of the adapted modules that get LoRA (the most important)",
+                                          check=between(0, 1))
+    application_ratio: float = setting(0.3, "fraction of all adaptable modules that get an adapter",
+                                       check=between(0, 1))
+    lora_r: int = setting(8, "LoRA rank", check=at_least(1))
+    lora_alpha: float = setting(16.0, "LoRA alpha", check=above(0))
+    lora_dropout: float = setting(0.0, "LoRA dropout", check=between(0, 1, True))
+    every: int = setting(100, "optimizer steps between hybrid reallocations (0: only once at start_step)",
+                         check=at_least(0))
+    start_step: Optional[int] = setting(None, "step of the first allocation (0: before the first step); None: 0 "
+                                        "when fine-tuning (frozen base), else `every`", check=at_least(0))
+    target_modules: tuple[str, ...] = setting(PROJECTIONS, "projections that can get an adapter")
+    importance_window: int = setting(100, "T, for activations (at most masks.activation_window)",
+                                     check=at_least(1))
+    train_masks: bool = setting(True, "keep training the mask logits next to the adapters")
+    on_kind_change: str = setting("merge", "adapters of modules that change kind: merge into W | remove",
+                                  choices=("merge", "remove"))
+    ia3_scale_inputs: tuple[str, ...] = setting(("x_proj", "out_proj"), "IA3 scales these projections' inputs "
+                                                "(else outputs)")
+    seed: int = setting(0, "seed of the random importance control")
 
     def __post_init__(self) -> None:
         self.target_modules = check_projections(self.target_modules, "HybridPeftConfig.target_modules")
         self.ia3_scale_inputs = tuple(self.ia3_scale_inputs)
-        for name in ("importance_threshold", "peft_application_ratio"):
+        for name in ("importance_threshold", "application_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"HybridPeftConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.importance_source not in IMPORTANCE_SOURCES:
@@ -115,6 +133,8 @@ class HybridPeftConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HybridPeftConfig":
+        renamed = {"peft_application_ratio": "application_ratio"}          # the name in models saved before
+        data = {renamed.get(k, k): v for k, v in data.items()}
         check_known_keys(cls.__name__, data, {f.name for f in dataclasses.fields(cls)})
         return cls(**data)
 
@@ -235,7 +255,7 @@ def _round_half_up(x: Fraction) -> int:
 
 def allocation_counts(n: int, cfg: HybridPeftConfig) -> tuple[int, int]:
     """(n_lora, n_ia3) for n adaptable modules, by the rounding rule in the module docstring."""
-    ratio, threshold = Fraction(str(cfg.peft_application_ratio)), Fraction(str(cfg.importance_threshold))
+    ratio, threshold = Fraction(str(cfg.application_ratio)), Fraction(str(cfg.importance_threshold))
     n_adapted = _round_half_up(ratio * n)
     n_lora = min(n_adapted, _round_half_up(threshold * ratio * n))
     return n_lora, n_adapted - n_lora

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptive_mamba.config import check_known_keys
-from adaptive_mamba.pillars.common import (D_INNER_SIDE, PROJECTIONS, base_layer, check_projections,
-                                           iter_projections, resolve_module)
+from adaptive_mamba.config import above, at_least, between, check_known_keys, setting
+from adaptive_mamba.pillars.common import (D_INNER_SIDE, DEFAULT_TARGETS, PROJECTIONS, base_layer,
+                                           check_projections, iter_projections, resolve_module)
 
 if TYPE_CHECKING:
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
@@ -54,25 +54,34 @@ class MaskConfig:
     """Pillar 2 settings. `structured_side` "auto" masks the d_inner side of each projection (see common.py),
     the side pillar 1 reorders, so that correlated channels are removed together."""
 
-    kind: str = "structured"                 # "unstructured" (one logit per weight), "structured" (per block) or
-                                             # "channel" (per d_inner channel, across the whole mixer; ignores
-                                             # targets, block_size and structured_side)
-    block_size: int = 16                     # channels per block (structured)
-    structured_side: str = "auto"            # "auto", "out" (blocks of output channels) or "in" (input channels)
-    targets: tuple[str, ...] = PROJECTIONS   # in_proj, x_proj, dt_proj, out_proj
-    layers: Optional[list[int]] = None       # None = every layer
-    init_logit: float = 3.0                  # logits start near "keep" (sigmoid(3) = 0.95) ...
-    init_std: float = 0.5                    # ... with a small spread so that they separate smoothly
-    tau_start: float = 1.0
-    tau_end: float = 0.1
-    anneal_steps: int = 1000
-    schedule: str = "exponential"            # constant | linear | exponential | cosine
-    target_sparsity: float = 0.5
-    sparsity_weight: float = 1.0
-    activation_window: int = 100             # steps of mean mask activation kept per module (pillar 3 importance)
-    hard_threshold: float = 0.01             # channel: in training a channel whose keep probability sigmoid(L) is
-                                             # below it is exactly 0 (not computed: training speeds up), above
-                                             # 1 - it exactly 1 (0: only what the relaxed sample makes exact)
+    enabled: bool = setting(True, "learn a mask over the projection weights (pillar 2)")
+    kind: str = setting("structured", "structured (channel blocks) | unstructured (per weight) | channel (per "
+                        "d_inner channel across the whole mixer; ignores targets, block_size, structured_side)",
+                        choices=MASK_KINDS)
+    block_size: int = setting(8, "channels per block (structured)", check=at_least(1))
+    structured_side: str = setting("auto", "auto (the d_inner side, which pillar 1 reorders) | out (blocks of "
+                                   "output channels) | in (input channels)", choices=("auto", "out", "in"))
+    targets: tuple[str, ...] = setting(DEFAULT_TARGETS, "projections masked (and adaptable by pillar 3); on the "
+                                       "command line comma-separated")
+    layers: Optional[list[int]] = setting(None, "layers masked (None: every layer)")
+    init_logit: float = setting(3.0, "logits start near keep (sigmoid(3) = 0.95) ...")
+    init_std: float = setting(0.5, "... with a small spread so that they separate smoothly")
+    tau_start: float = setting(1.0, "initial temperature", check=above(0))
+    tau_end: float = setting(0.1, "temperature after anneal_steps", check=above(0))
+    anneal_steps: Optional[int] = setting(None, "steps from tau_start to tau_end (None: the run's optimizer steps)",
+                                          check=at_least(1))
+    schedule: str = setting("exponential", "temperature schedule", choices=SCHEDULES)
+    target_sparsity: float = setting(0.5, "fraction of weights the regularizer pushes to zero",
+                                     check=between(0, 1, True))
+    sparsity_weight: float = setting(5.0, "weight of the sparsity regularizer |sparsity - target| "
+                                     "(BENCHMARKS.md: realised vs target)", check=at_least(0))
+    learning_rate: Optional[float] = setting(5e-2, "peak lr of the mask logits (None: optim.lr), same schedule; "
+                                             "Adam moves a logit ~lr per step: from +3 to 0 in ~60 steps",
+                                             check=above(0))
+    activation_window: int = setting(100, "steps of mean mask activation kept per module (pillar 3 importance)")
+    hard_threshold: float = setting(0.01, "channel masks in training: a channel whose keep probability sigmoid(L) is "
+                                    "below it is exactly 0 (not computed: training speeds up), above 1 - it exactly "
+                                    "1 (0: only what the relaxed sample makes exact)", check=between(0, 0.5, True))
 
     def __post_init__(self) -> None:
         self.targets = check_projections(self.targets, "MaskConfig.targets")
@@ -82,7 +91,7 @@ class MaskConfig:
             raise ValueError(f"MaskConfig.structured_side must be 'auto', 'out' or 'in', got {self.structured_side!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"MaskConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.block_size < 1 or self.anneal_steps < 1 or self.activation_window < 1:
+        if self.block_size < 1 or (self.anneal_steps or 1) < 1 or self.activation_window < 1:
             raise ValueError("MaskConfig.block_size, anneal_steps and activation_window must be >= 1")
         if not (self.tau_start > 0 and self.tau_end > 0):
             raise ValueError(f"temperatures must be > 0, got tau_start={self.tau_start}, tau_end={self.tau_end}")
@@ -477,10 +486,13 @@ def apply_masks(model: "AdaptiveMambaForCausalLM", cfg: MaskConfig) -> dict[str,
 
 def temperature_at(step: int, cfg: MaskConfig) -> float:
     """tau at `step`: from tau_start to tau_end over anneal_steps (then constant), following cfg.schedule."""
+    if cfg.schedule == "constant":
+        return cfg.tau_start
+    if cfg.anneal_steps is None:
+        raise ValueError("MaskConfig.anneal_steps is None: set the number of annealing steps (training sets the "
+                         "run's optimizer steps)")
     t = min(max(step, 0), cfg.anneal_steps) / cfg.anneal_steps
     a, b = cfg.tau_start, cfg.tau_end
-    if cfg.schedule == "constant":
-        return a
     if cfg.schedule == "linear":
         return a + (b - a) * t
     if cfg.schedule == "exponential":

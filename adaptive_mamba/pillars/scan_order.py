@@ -40,12 +40,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from adaptive_mamba.config import at_least, setting
 from adaptive_mamba.pillars.common import D_INNER_SIDE, PROJECTIONS, base_layer
 from adaptive_mamba.pillars.path_search import (LayerStats, best_path, canonical_cost, correlation, cost_matrix,
                                                 nearest_neighbour_path, path_cost, two_opt)
 
 if TYPE_CHECKING:
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
+
+@dataclass
+class ScanOrderConfig:
+    """Pillar 1 settings (the `scan_order` section of a training config)."""
+
+    enabled: bool = setting(True, "reorder d_inner channels along a short path of the channel correlation graph")
+    every: int = setting(50, "optimizer steps between scan-order refreshes (0: never)", check=at_least(0))
+    token_stride: int = setting(8, "the statistics read every token_stride-th token (the hook costs ~1/n of its "
+                                "stride-1 cost; any value keeps the refresh exact)", check=at_least(1))
+
 
 class ScanStatsCollector:
     """Streaming float64 statistics of the scan input u (B, d_inner, L) of every layer."""

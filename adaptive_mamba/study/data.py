@@ -109,7 +109,7 @@ def cached_base_model(cache: Path, config: Mapping[str, Any], data_dir: Path,
     if (out / DONE).is_file():
         return model
     out.mkdir(parents=True, exist_ok=True)
-    train(out, {**config, "output_dir": str(out), "data_dir": str(data_dir), "export_at_end": True})
+    train(out, {**config, "train.output_dir": str(out), "data.dir": str(data_dir), "train.export_at_end": True})
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"the base-model run in {out} finished without an export in {model}")
     (out / DONE).write_text("")

@@ -111,12 +111,12 @@ class Study:
         """The base cell pre-trained for `pretrain_steps` on the pre-training corpus, cached by content."""
         mode = self.spec.mode(self.opts.mode)
         base = RunSpec("pretrain", "base_model", 0, self.spec.cells["base"])
-        config = {**train_config(base, ctx, base.overrides, 1.0), "max_steps": int(mode["pretrain_steps"]),
-                  "num_epochs": 1, "wandb_run_name": "base_model"}
-        config.pop("output_dir")
+        config = {**train_config(base, ctx, base.overrides, 1.0), "train.max_steps": int(mode["pretrain_steps"]),
+                  "train.num_epochs": 1, "logging.run_name": "base_model"}
+        config.pop("train.output_dir")
 
         def train(out: Path, cfg: dict[str, Any]) -> None:
-            self.log(f"pre-training the base model ({cfg['max_steps']} steps) into {out}")
+            self.log(f"pre-training the base model ({cfg['train.max_steps']} steps) into {out}")
             launch(ctx, cfg, out, "pre-training the base model")
 
         return study_data.cached_base_model(self.opts.cache, config, ctx.data["pretrain"], train)

@@ -20,7 +20,7 @@ import yaml
 from adaptive_mamba.config import AdaptiveMambaConfig
 
 MODES = ("pilot", "quick_research", "research")
-MATCHED = "matched"        # peft_r of a control: the rank whose LoRA parameters match the `all` cell's budget
+MATCHED = "matched"        # peft.lora_r of a control: the rank whose LoRA parameters match the `all` cell's budget
 SWEPT = "swept"            # lr_scale of seeds >= 1: the sweep's best on seed 0
 
 
@@ -31,7 +31,7 @@ class RunSpec:
     regime: str                                   # pretrain | finetune
     arm: str                                      # a cell, a control, or "grid"
     seed: int
-    overrides: Mapping[str, Any]                  # TrainConfig keys (may hold MATCHED)
+    overrides: Mapping[str, Any]                  # dotted TrainConfig keys (may hold MATCHED)
     lr_scale: Any = 1.0                           # a float, or SWEPT
     grid_index: Optional[int] = None
     grid_point: Optional[Mapping[str, Any]] = None   # grid factor -> level (a factor may set several keys)
@@ -116,7 +116,7 @@ def grid_points(grid: Mapping[str, Sequence[Any]], n_points: int, seed: int = 0)
 
 
 def expand_keys(point: Mapping[str, Any]) -> dict[str, Any]:
-    """Grid factor names may list several config keys ("masking_tau,masking_tau_final") set to one value."""
+    """Grid factor names may list several config keys ("masks.tau_start,masks.tau_end") set to one value."""
     return {key.strip(): value for name, value in point.items() for key in name.split(",")}
 
 
@@ -141,7 +141,7 @@ def build_plan(spec: StudySpec, mode: str, seeds: Optional[int] = None, grid: bo
             plan.runs.extend(_arm_runs(regime, arm, dict(overrides), n_seeds, sweep))
     if grid and spec.grid and int(m.get("grid_points", 0)) > 0:
         regime = regimes[0]
-        factors = {k: v for k, v in spec.grid.items() if not (regime == "finetune" and k == "d_model")}
+        factors = {k: v for k, v in spec.grid.items() if not (regime == "finetune" and k == "model.d_model")}
         for i, point in enumerate(grid_points(factors, int(m["grid_points"]))):
             plan.runs.append(RunSpec(regime, "grid", 0, {**spec.cells["all"], **expand_keys(point)}, grid_index=i,
                                      grid_point=point))
@@ -180,7 +180,7 @@ def _assign_needs(plan: StudyPlan) -> None:
 
 def _needs(run: RunSpec, runs: Sequence[RunSpec]) -> list[str]:
     needs: list[str] = []
-    if run.overrides.get("peft_r") == MATCHED:
+    if run.overrides.get("peft.lora_r") == MATCHED:
         needs += [r.run_id for r in runs if r.regime == run.regime and r.arm == "all" and r.seed == 0
                   and r.grid_index is None]
     if run.lr_scale == SWEPT:
@@ -213,10 +213,10 @@ def resolve_overrides(run: RunSpec, results: Mapping[str, Mapping[str, Any]], mo
     missing = [n for n in run.needs if n not in results]
     if missing:
         raise ValueError(f"run {run.run_id} needs the results of {missing} first")
-    if overrides.get("peft_r") == MATCHED:
+    if overrides.get("peft.lora_r") == MATCHED:
         budgets = [results[n]["trainable_params"] for n in run.needs if results[n]["arm"] == "all"]
         budget = sum(budgets) / len(budgets)
-        overrides["peft_r"] = matched_rank(budget, lora_params_per_rank(model, targets))
+        overrides["peft.lora_r"] = matched_rank(budget, lora_params_per_rank(model, targets))
         notes["matched_budget"] = budget
     if scale == SWEPT:
         sweep = [results[n] for n in run.needs if results[n]["arm"] == run.arm]

@@ -3,7 +3,7 @@
 A run is `python launch/train.py --config RUN/config.yaml` (or torchrun with `nproc` ranks) in its own
 folder `OUT/runs/RUN_ID/`. When it exits 0 its summary and loss curves are collected into
 `result.json`, written atomically: a run with a result file is finished and never redone; a run
-without one is (re)started, and training's `resume=auto` continues it from its last checkpoint.
+without one is (re)started, and training's `train.resume=auto` continues it from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from adaptive_mamba.config import AdaptiveMambaConfig
+from adaptive_mamba.pillars.masks import MaskConfig
 from adaptive_mamba.study.plan import RunSpec, StudySpec, resolve_overrides
 from adaptive_mamba.training.checkpointing import latest_checkpoint
+from adaptive_mamba.training.config import OptimConfig, nest
 
 RESULT_FILE = "result.json"
 
@@ -65,21 +67,22 @@ def load_results(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def train_config(run: RunSpec, ctx: RunContext, overrides: Mapping[str, Any], lr_scale: float) -> dict[str, Any]:
-    """The full TrainConfig mapping of one run: shared settings < mode < regime < arm (+ grid point)."""
+    """The dotted TrainConfig keys of one run: shared settings < mode < regime < arm (+ grid point)."""
     mode = ctx.spec.mode(ctx.mode)
     cfg: dict[str, Any] = {**ctx.spec.train, **mode.get("train", {}), **ctx.spec.regimes[run.regime], **overrides}
-    cfg.update(seed=run.seed, data_dir=str(ctx.data[run.regime]), output_dir=str(ctx.run_dir(run.run_id) / "train"),
-               wandb_project=ctx.project, wandb_run_name=run.run_id)
-    cfg["learning_rate"] = float(cfg.get("learning_rate", 1e-3)) * lr_scale
+    cfg.update({"train.seed": run.seed, "data.dir": str(ctx.data[run.regime]),
+                "train.output_dir": str(ctx.run_dir(run.run_id) / "train"), "logging.project": ctx.project,
+                "logging.run_name": run.run_id})
+    cfg["optim.lr"] = float(cfg.get("optim.lr", OptimConfig.lr)) * lr_scale
     if run.regime == "finetune":
         if ctx.base_model is None:
             raise ValueError("the fine-tuning regime needs the cached base model")
-        cfg["init_from"] = str(ctx.base_model)
-        cfg["freeze_base"] = bool(cfg.get("peft"))      # PEFT arms adapt a frozen base; the others train it all
-        for key in ("d_model", "n_layers"):             # the base model fixes the architecture
+        cfg["train.init_from"] = str(ctx.base_model)
+        cfg["train.freeze_base"] = bool(cfg.get("peft.enabled"))   # PEFT arms adapt a frozen base; others train it all
+        for key in ("model.d_model", "model.n_layer"):             # the base model fixes the architecture
             cfg.pop(key, None)
     if ctx.epochs is not None:
-        cfg.update(num_epochs=ctx.epochs, max_steps=0)
+        cfg.update({"train.num_epochs": ctx.epochs, "train.max_steps": 0})
     return cfg
 
 
@@ -88,7 +91,12 @@ def model_shape(run: RunSpec, ctx: RunContext, cfg: Mapping[str, Any]) -> Adapti
     size does not enter LoRA's count on the mixer projections, so a from-scratch shape uses the default."""
     if run.regime == "finetune":
         return AdaptiveMambaConfig.from_dict(json.loads((ctx.base_model / "config.json").read_text()))
-    return AdaptiveMambaConfig(d_model=int(cfg["d_model"]), n_layer=int(cfg["n_layers"]))
+    return AdaptiveMambaConfig(d_model=int(cfg["model.d_model"]), n_layer=int(cfg["model.n_layer"]))
+
+
+def write_run_config(cfg: Mapping[str, Any], path: Path) -> None:
+    """The config file of a run: the sections of training's YAML, from the dotted keys of `cfg`."""
+    path.write_text(yaml.safe_dump(nest(cfg), sort_keys=True))
 
 
 def launch_command(ctx: RunContext, config_file: Path) -> list[str]:
@@ -100,10 +108,11 @@ def launch_command(ctx: RunContext, config_file: Path) -> list[str]:
 
 
 def launch(ctx: RunContext, cfg: Mapping[str, Any], run_dir: Path, name: str) -> None:
-    """Write RUN_DIR/config.yaml and train it, appending the output to RUN_DIR/train.log."""
+    """Write RUN_DIR/config.yaml (nested sections from the dotted keys of `cfg`) and train it, appending the output
+    to RUN_DIR/train.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "config.yaml"
-    config_file.write_text(yaml.safe_dump(dict(cfg), sort_keys=True))
+    write_run_config(cfg, config_file)
     log_file = run_dir / "train.log"
     env = {**os.environ, "WANDB_RUN_GROUP": f"{ctx.out.name}-{ctx.mode}", **ctx.env}
     env.setdefault("WANDB_MODE", "offline")
@@ -117,11 +126,12 @@ def launch(ctx: RunContext, cfg: Mapping[str, Any], run_dir: Path, name: str) ->
 
 def execute(run: RunSpec, ctx: RunContext, results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Train one run (resuming its own checkpoint if it was interrupted) and write its result file."""
-    targets = [t.strip() for t in str(ctx.spec.train.get("mask_targets", "in_proj,x_proj,out_proj")).split(",")]
+    targets = ctx.spec.train.get("masks.targets", MaskConfig.targets)
+    targets = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
     base_cfg = train_config(run, ctx, run.overrides, 1.0)
     overrides, lr_scale, notes = resolve_overrides(run, results, model_shape(run, ctx, base_cfg), targets)
     cfg = train_config(run, ctx, overrides, lr_scale)
-    run_dir, train_dir = ctx.run_dir(run.run_id), Path(cfg["output_dir"])
+    run_dir, train_dir = ctx.run_dir(run.run_id), Path(cfg["train.output_dir"])
     if train_dir.exists() and latest_checkpoint(train_dir) is None:
         shutil.rmtree(train_dir)            # interrupted before its first checkpoint: start it again cleanly
     launch(ctx, cfg, run_dir, f"run {run.run_id}")

@@ -25,6 +25,7 @@ It never imports the trainer.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
@@ -36,11 +37,11 @@ from torch import Tensor, nn
 
 from adaptive_mamba.model import AdaptiveMambaForCausalLM, parameter_counts
 from adaptive_mamba.pillars.common import iter_projections, resolve_module
-from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, HybridPeftConfig, apply_allocation,
+from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, apply_allocation,
                                                 decide_allocation, detach_adapter, format_allocation_table,
                                                 module_importance, pruned_modules, uniform_allocation)
 from adaptive_mamba.flops import model_flops
-from adaptive_mamba.pillars.masks import (MaskConfig, MaskedLinear, apply_masks, compile_masks, mask_regularizer,
+from adaptive_mamba.pillars.masks import (MaskedLinear, apply_masks, compile_masks, mask_regularizer,
                                           set_temperature, sparsity_report, temperature_at)
 from adaptive_mamba.pillars.persistence import save_adaptive_model
 from adaptive_mamba.pillars.scan_order import (ScanStatsCollector, current_scan_order,
@@ -84,25 +85,14 @@ class PillarController:
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, total_steps: int) -> None:
         self.cfg, self.ctx, self.total_steps = cfg, ctx, total_steps
-        self.mask_cfg = None
-        if cfg.masking:
-            self.mask_cfg = MaskConfig(kind=cfg.mask_granularity, block_size=cfg.mask_block_size,
-                                       targets=cfg.mask_target_list,
-                                       tau_start=cfg.masking_tau, tau_end=cfg.masking_tau_final,
-                                       anneal_steps=max(1, total_steps), target_sparsity=cfg.target_sparsity,
-                                       sparsity_weight=cfg.sparsity_weight)
-        self.peft_cfg = self._peft_config() if cfg.peft and cfg.peft_mode != "full" else None
+        anneal = cfg.masks.anneal_steps or max(1, total_steps)          # None: the whole run
+        self.mask_cfg = dataclasses.replace(cfg.masks, anneal_steps=anneal) if cfg.masks.enabled else None
+        self.peft_cfg = cfg.peft if cfg.peft.enabled and cfg.peft.mode != "full" else None
         self.scan_decisions: list[dict[str, Any]] = []     # every refresh, in order (costs + permutations)
         self.allocation: Optional[dict[str, Any]] = None   # the current allocation decision (serialised)
         self.allocation_history: list[dict[str, Any]] = []
         self.scan_order: Optional[list[list[int]]] = None   # cumulative: original channel at each position
         self.collector = None
-
-    def _peft_config(self):
-        return HybridPeftConfig(importance_threshold=self.cfg.importance_threshold,
-                                peft_application_ratio=self.cfg.peft_application_ratio,
-                                lora_r=self.cfg.peft_r, lora_alpha=self.cfg.peft_alpha, seed=self.cfg.seed,
-                                target_modules=self.cfg.mask_target_list, importance_source=self.cfg.importance_source)
 
     # -------------------------------------------------------------------------------- model structure
     def build_structure(self, model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausalLM:
@@ -113,8 +103,8 @@ class PillarController:
             if frozen:      # fine-tune: base weights stay frozen, mask logits train
                 for name, p in model.named_parameters():
                     p.requires_grad_("mask_logits" in name)
-        if self.peft_cfg is not None and self.allocation is None and self.cfg.peft_mode in ("lora", "ia3"):
-            self.allocation = uniform_allocation(model, self.cfg.peft_mode, self.peft_cfg).to_dict()
+        if self.peft_cfg is not None and self.allocation is None and self.cfg.peft.mode in ("lora", "ia3"):
+            self.allocation = uniform_allocation(model, self.cfg.peft.mode, self.peft_cfg).to_dict()
             self.allocation_history.append({"step": 0, **self.allocation})
         if self.allocation is not None:
             self._apply_allocation(model, self.allocation)
@@ -124,10 +114,10 @@ class PillarController:
 
     def attach(self, model: AdaptiveMambaForCausalLM) -> None:
         """Hook the statistics collector onto the engine's model (after every engine (re)build)."""
-        if not (self.cfg.scan_order and self.cfg.scan_update_frequency):
+        if not (self.cfg.scan_order.enabled and self.cfg.scan_order.every):
             return
         previous = self.collector
-        self.collector = ScanStatsCollector(model, token_stride=self.cfg.scan_token_stride)
+        self.collector = ScanStatsCollector(model, token_stride=self.cfg.scan_order.token_stride)
         if previous is not None:
             previous.disable()
             for new, old in zip(self.collector.state_tensors(), previous.state_tensors()):
@@ -161,7 +151,7 @@ class PillarController:
     def maybe_refresh(self, run: TrainingRun, step: int) -> dict[str, Any]:
         """Run the refreshes due after optimizer step `step`; returns metrics, tables and log lines."""
         events: dict[str, Any] = {"metrics": {}, "tables": [], "lines": [], "decisions": []}
-        freq = self.cfg.scan_update_frequency
+        freq = self.cfg.scan_order.every
         if self.collector is not None and freq and step % freq == 0 and step < self.total_steps:
             self._refresh_scan(run, step, events)
             events["decisions"].append("scan_order")
@@ -170,9 +160,9 @@ class PillarController:
         return events
 
     def _allocation_due(self, step: int) -> bool:
-        if self.cfg.peft_mode != "hybrid":
+        if self.cfg.peft.mode != "hybrid":
             return False
-        freq, first = self.cfg.peft_reallocation_frequency, self.cfg.first_allocation_step
+        freq, first = self.cfg.peft.every, self.cfg.first_allocation_step
         if step == first:
             return True
         return step > first and freq > 0 and (step - first) % freq == 0
@@ -275,11 +265,12 @@ class PillarController:
             values["sparsity"] = round(rep["sparsity"], 4)
             values["executed_flops_ratio"] = round(rep["executed_flops"] / rep["dense_flops"], 4)
             values["module_sparsity"] = {name: r["sparsity"] for name, r in rep["modules"].items()}
-            parts.append(f"mask sparsity {100 * rep['sparsity']:.1f}% (target {100 * self.cfg.target_sparsity:.0f}%; "
+            parts.append(f"mask sparsity {100 * rep['sparsity']:.1f}% "
+                         f"(target {100 * self.cfg.masks.target_sparsity:.0f}%; "
                          f"evaluation executes {100 * values['executed_flops_ratio']:.1f}% of the dense FLOPs of the "
                          "masked modules)")
         values.update(self._flops(model))
-        parts.append(f"whole-model FLOPs per token at seq_len {self.cfg.seq_len}: evaluation forward "
+        parts.append(f"whole-model FLOPs per token at seq_len {self.cfg.train.seq_len}: evaluation forward "
                      f"{values['flops_eval_forward']:,.0f} ({100 * values['flops_eval_forward'] / values['flops_dense_forward']:.1f}% "
                      f"of dense), training step {values['flops_train_step']:,.0f}, exported model forward "
                      f"{values['flops_export_forward']:,.0f}")
@@ -297,14 +288,15 @@ class PillarController:
             counts = {k: sum(1 for v in kinds.values() if v == k) for k in ("lora", "ia3", "frozen")}
             values["allocation"] = counts
             values["allocation_history"] = self.allocation_history
-            parts.append(f"allocation after {len(self.allocation_history)} decision(s): LoRA (r={self.cfg.peft_r}) on "
+            parts.append(f"allocation after {len(self.allocation_history)} decision(s): "
+                         f"LoRA (r={self.cfg.peft.lora_r}) on "
                          f"{counts['lora']}, IA3 on {counts['ia3']}, frozen {counts['frozen']} of {len(kinds)} modules")
         return {"values": values, "text": "Pillars: " + "; ".join(parts) + "."}
 
     def _flops(self, model: AdaptiveMambaForCausalLM) -> dict[str, float]:
         """Executed FLOPs per token (adaptive_mamba.flops) of `model` at evaluation and in a training step, of the
         dense model of the same shape and of the exported (merged) model, which counts what really runs there."""
-        seq_len, was_training = self.cfg.seq_len, model.training
+        seq_len, was_training = self.cfg.train.seq_len, model.training
         count = model_flops(model.eval(), seq_len)
         dense = AdaptiveMambaForCausalLM(type(model.config).from_dict({**model.config.to_dict(), "extra": {}}))
         exported = merged_plain_model(copy.deepcopy(model)).eval()

@@ -157,8 +157,8 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
     if path.is_dir() and not (path / MANIFEST).exists() and (path / "checkpoints").is_dir():
         found = latest_checkpoint(path)   # an output_dir was given: take its latest checkpoint
         if found is None:
-            raise FileNotFoundError(f"resume={resume}: no complete checkpoint under {path / 'checkpoints'}")
+            raise FileNotFoundError(f"train.resume={resume}: no complete checkpoint under {path / 'checkpoints'}")
         return found
     if not path.exists():
-        raise FileNotFoundError(f"resume={resume}: no such checkpoint directory")
+        raise FileNotFoundError(f"train.resume={resume}: no such checkpoint directory")
     return path

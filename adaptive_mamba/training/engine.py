@@ -1,8 +1,9 @@
-"""DeepSpeed glue: resolve a ds_config against the TrainConfig, build the engine with a torch optimizer,
+"""DeepSpeed glue: generate the ds_config from the TrainConfig, build the engine with a torch optimizer,
 and read or rewrite full parameters (and Adam moments) whatever the ZeRO stage.
 
-The JSON files in ds_configs/ leave batch sizes, clipping and bf16 as "auto": they come from the
-TrainConfig, so one run has one source of truth. An explicit value that disagrees is an error.
+`deepspeed_config` writes the whole DeepSpeed config from the training config (train.zero_stage, train.offload,
+train.precision, batch sizes, optim.grad_clip), so one run has one source of truth; train.deepspeed_extra names an
+optional JSON of further DeepSpeed keys merged last (a key that the training config owns must agree with it).
 The optimizer is always torch's AdamW, passed in: a config-built optimizer would become
 FusedAdam/CPUAdam and trigger a ~1 minute JIT build on CPU.
 
@@ -24,42 +25,61 @@ from adaptive_mamba.pillars.scan_order import permute_parameter
 from adaptive_mamba.training.config import TrainConfig
 
 
-def load_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config of `cfg.deepspeed_config` with the "auto" fields filled from `cfg`."""
-    path = Path(cfg.deepspeed_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (deepspeed_config=...; see ds_configs/)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
-    ds = {k: copy.deepcopy(v) for k, v in raw.items() if not k.startswith("_")}
-    if "optimizer" in ds or "scheduler" in ds:
-        raise ValueError(f"{path} defines an optimizer/scheduler: remove it. Training passes torch AdamW and sets "
-                         "the learning rate itself (learning_rate, warmup_steps, lr_schedule in the TrainConfig)")
-    wanted = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "train_batch_size": cfg.batch_size * cfg.grad_accum_steps * world_size,
-        "gradient_clipping": cfg.grad_clip,
-    }
-    for key, value in wanted.items():
-        given = ds.get(key, "auto")
-        if given != "auto" and given != value:
-            raise ValueError(f"{path}: {key}={given} disagrees with the TrainConfig ({value}); set it to \"auto\" "
-                             "and choose batch_size / grad_accum_steps / grad_clip in the training config")
-        ds[key] = value
-    bf16 = ds.setdefault("bf16", {}).get("enabled", "auto")
-    want_bf16 = cfg.precision == "bf16"
-    if bf16 != "auto" and bool(bf16) != want_bf16:
-        raise ValueError(f"{path} sets bf16.enabled={bf16} but precision={cfg.precision}: pick a matching "
-                         "ds_config (e.g. ds_configs/zero2_bf16.json) or precision")
-    ds["bf16"]["enabled"] = want_bf16
-    if ds.get("fp16", {}).get("enabled"):
-        raise ValueError(f"{path} enables fp16: Mamba's scan is not stable in fp16; use precision=bf16")
-    ds.setdefault("zero_allow_untested_optimizer", True)
-    ds.setdefault("steps_per_print", 10 ** 9)
+def _merge(base: dict[str, Any], extra: dict[str, Any], owned: dict[str, Any], path: str = "") -> None:
+    """Merge `extra` into `base` in place; a key in `owned` (the training config's) must keep its value."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, owned.get(key, {}), f"{path}{key}.")
+            continue
+        if key in owned and not isinstance(owned[key], dict) and value != owned[key]:
+            raise ValueError(f"{path}{key}={value!r} disagrees with the training config ({owned[key]!r}): remove it "
+                             "from train.deepspeed_extra and set train.zero_stage / train.precision / "
+                             "train.batch_size / train.grad_accum_steps / optim.grad_clip instead")
+        base[key] = copy.deepcopy(value)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a run: ZeRO stage, precision, CPU offload, batch sizes and clipping from `cfg`,
+    then the keys of the optional `train.deepspeed_extra` JSON."""
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage:
+        zero.update({"contiguous_gradients": True, "overlap_comm": False})
+    if t.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+    if t.offload == "cpu":
+        if t.zero_stage == 0:
+            raise ValueError("train.offload=cpu needs a ZeRO stage >= 1 (train.zero_stage)")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        if t.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    owned = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum_steps,
+             "train_batch_size": t.batch_size * t.grad_accum_steps * world_size,
+             "gradient_clipping": cfg.optim.grad_clip, "bf16": {"enabled": t.precision == "bf16"},
+             "zero_optimization": {"stage": t.zero_stage}}
+    ds = {**copy.deepcopy(owned), "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+          "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+    if t.offload == "cpu":
+        ds["zero_force_ds_cpu_optimizer"] = False       # keep torch AdamW (no CPUAdam JIT build)
+    if t.deepspeed_extra is not None:
+        _merge(ds, _read_extra(Path(t.deepspeed_extra)), owned)
     return ds
+
+
+def _read_extra(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed_extra={path} does not exist (see ds_configs/extra_example.json)")
+    try:
+        extra = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"train.deepspeed_extra={path} is not valid JSON: {err}") from err
+    extra = {k: v for k, v in extra.items() if not k.startswith("_")}          # "_comment" keys
+    if "optimizer" in extra or "scheduler" in extra:
+        raise ValueError(f"{path} defines an optimizer/scheduler: remove it. Training passes torch AdamW and sets "
+                         "the learning rate itself (the optim section of the training config)")
+    if extra.get("fp16", {}).get("enabled"):
+        raise ValueError(f"{path} enables fp16: Mamba's scan is not stable in fp16; use train.precision=bf16")
+    return extra
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -68,7 +88,7 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """torch AdamW over the trainable parameters; weight decay only on 2-D+ weights (not masks, norms, biases);
-    mask logits in their own group whose lr is `lr_scale` = mask_learning_rate / learning_rate times the schedule."""
+    mask logits in their own group whose lr is `lr_scale` = masks.learning_rate / optim.lr times the schedule."""
     decay, no_decay, masks = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -77,16 +97,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         if name.endswith("mask_logits"):
             masks.append(p)
         else:
-            (decay if is_matrix and cfg.weight_decay > 0 else no_decay).append(p)
+            (decay if is_matrix and cfg.optim.weight_decay > 0 else no_decay).append(p)
     if not (decay or no_decay or masks):
-        raise ValueError("the model has no trainable parameters (freeze_base with masking and peft both off?)")
-    mask_scale = (cfg.mask_learning_rate or cfg.learning_rate) / cfg.learning_rate
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0, "role": "decay"},
+        raise ValueError("the model has no trainable parameters (train.freeze_base with masks and peft both off?)")
+    lr = cfg.optim.lr
+    mask_scale = (cfg.masks.learning_rate or lr) / lr
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.optim.weight_decay, "lr_scale": 1.0, "role": "decay"},
                           {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "role": "no_decay"},
                           {"params": masks, "weight_decay": 0.0, "lr_scale": mask_scale, "role": "masks"})
               if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, ds_config: dict[str, Any]):

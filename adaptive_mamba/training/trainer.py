@@ -35,7 +35,7 @@ from adaptive_mamba.training.config import TrainConfig
 from adaptive_mamba.training.data_setup import check_tokenizer, make_sampler, prepare_shards
 from adaptive_mamba.training.distributed import (DistContext, all_gather_object, all_reduce_sum, any_rank, barrier,
                                                  context_parallel_groups)
-from adaptive_mamba.training.engine import (build_engine, full_state_dict, load_ds_config, load_optimizer_state,
+from adaptive_mamba.training.engine import (build_engine, deepspeed_config, full_state_dict, load_optimizer_state,
                                             optimizer_state, permute_engine_params, zero_stage)
 from adaptive_mamba.training.monitoring import Monitor, peak_memory_mb, resume_history
 
@@ -53,11 +53,12 @@ def whole_sequence_loss(model: AdaptiveMambaForCausalLM, input_ids: Tensor, labe
 def sequence_loss(cfg: TrainConfig, cp_group: Any = None) -> Callable[[AdaptiveMambaForCausalLM, Tensor, Tensor], Tensor]:
     """The cross-entropy of a batch: in one pass, in chunks of chunk_len (exact), or this rank's piece under
     context parallelism, scaled by its size because DeepSpeed averages gradients over all ranks."""
-    if cfg.context_parallel > 1:
-        return lambda model, ids, labels: context_parallel_loss(model, ids, labels, cp_group) * cfg.context_parallel
-    if cfg.chunk_len:
-        return lambda model, ids, labels: (chunked_lm_loss(model, ids, labels, cfg.chunk_len)
-                                           if ids.shape[1] > cfg.chunk_len else whole_sequence_loss(model, ids, labels))
+    cp, chunk = cfg.train.context_parallel, cfg.train.chunk_len
+    if cp > 1:
+        return lambda model, ids, labels: context_parallel_loss(model, ids, labels, cp_group) * cp
+    if chunk:
+        return lambda model, ids, labels: (chunked_lm_loss(model, ids, labels, chunk)
+                                           if ids.shape[1] > chunk else whole_sequence_loss(model, ids, labels))
     return whole_sequence_loss
 
 
@@ -110,15 +111,15 @@ def _grad_norm(module: nn.Module) -> float:
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio (or constant)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.learning_rate
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.learning_rate * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.learning_rate - floor) * (1 + math.cos(math.pi * progress))
+    """Linear warmup to optim.lr, then cosine decay to optim.lr * optim.min_lr_ratio (or constant)."""
+    if cfg.optim.warmup_steps and step < cfg.optim.warmup_steps:
+        return cfg.optim.lr * (step + 1) / cfg.optim.warmup_steps
+    if cfg.optim.schedule == "constant":
+        return cfg.optim.lr
+    span = max(1, total_steps - cfg.optim.warmup_steps)
+    progress = min(1.0, (step - cfg.optim.warmup_steps) / span)
+    floor = cfg.optim.lr * cfg.optim.min_lr_ratio
+    return floor + 0.5 * (cfg.optim.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -133,7 +134,7 @@ class Trainer:
                  stop_requested: Callable[[], bool] = lambda: False) -> None:
         self.cfg, self.ctx, self.wandb_mode = cfg, ctx, wandb_mode
         self.stop_requested = stop_requested
-        self.output_dir = Path(cfg.output_dir)
+        self.output_dir = Path(cfg.train.output_dir)
         self.device = ctx.device()
         self.engine = None
         self.monitor: Optional[Monitor] = None
@@ -145,15 +146,15 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.resume_from = ckpt.resolve_resume(cfg.resume, self.output_dir)
+        self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.output_dir)
         resume_state = ckpt.verify_checkpoint(self.resume_from) if self.resume_from is not None else None
-        self.ds_config = load_ds_config(cfg, ctx.world_size)
-        if cfg.chunk_len and zero_stage(self.ds_config) == 3:
-            raise ValueError("chunk_len needs ZeRO stage 0-2 (its backward returns whole-parameter gradients; ZeRO-3 "
-                             "partitions them): use ds_configs/zero2.json, or chunk_len=0")
+        self.ds_config = deepspeed_config(cfg, ctx.world_size)
+        if cfg.train.chunk_len and zero_stage(self.ds_config) == 3:
+            raise ValueError("train.chunk_len needs ZeRO stage 0-2 (its backward returns whole-parameter gradients; ZeRO-3 "
+                             "partitions them): use train.zero_stage=2, or train.chunk_len=0")
         self.cp_group, self.dp_rank = None, ctx.rank
-        if cfg.context_parallel > 1:
-            self.cp_group, self.dp_rank, _ = context_parallel_groups(cfg.context_parallel)
+        if cfg.train.context_parallel > 1:
+            self.cp_group, self.dp_rank, _ = context_parallel_groups(cfg.train.context_parallel)
         data_dir = prepare_shards(cfg, ctx)
         self.train_shards = TokenShards(data_dir, "train")
         self.val_shards = TokenShards(data_dir, "val")
@@ -161,9 +162,10 @@ class Trainer:
         self.sampler = make_sampler(self.train_shards, cfg, ctx, train=True)
         self.val_sampler = make_sampler(self.val_shards, cfg, ctx, train=False) if len(self.val_shards) else None
         self.micro_per_epoch = self.sampler.steps_per_epoch(0)
-        steps_per_epoch = self.micro_per_epoch // cfg.grad_accum_steps
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * steps_per_epoch
-        self.tokens_per_step = ctx.world_size // cfg.context_parallel * cfg.batch_size * cfg.grad_accum_steps * cfg.seq_len
+        steps_per_epoch = self.micro_per_epoch // cfg.train.grad_accum_steps
+        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.num_epochs * steps_per_epoch
+        t = cfg.train
+        self.tokens_per_step = ctx.world_size // t.context_parallel * t.batch_size * t.grad_accum_steps * t.seq_len
 
         self.pillars = PillarController(cfg, ctx, self.total_steps)
         if resume_state is not None:
@@ -180,34 +182,36 @@ class Trainer:
         if resume_state is not None:
             self._load(self.resume_from, resume_state)
         else:
-            torch.manual_seed(cfg.seed + 1000 * self.dp_rank)   # mask noise differs per sequence, like data
+            torch.manual_seed(cfg.train.seed + 1000 * self.dp_rank)   # mask noise differs per sequence, like data
         self.monitor = Monitor(ctx.is_main, self.output_dir, self.total_steps, self.step, self.wandb_mode,
-                               cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict(), cfg.progress_bar)
+                               cfg.logging.project, cfg.logging.run_name, cfg.to_dict(), cfg.logging.progress_bar)
         self._metrics_file = self.output_dir / "metrics.jsonl"
         if ctx.is_main:    # the whole run's history, also across resumes (exactly one row per step)
             resume_history(self.output_dir / "consistency.jsonl", self.step)
             self.history = [StepRecord(**{k: r.get(k, 0) for k in StepRecord.__dataclass_fields__})
                             for r in resume_history(self._metrics_file, self.step)]
         if initial is not None:
-            if self.cfg.verify_ranks and initial.get("decisions"):
+            if self.cfg.train.verify_ranks and initial.get("decisions"):
                 self.verify_ranks("+".join(initial["decisions"]))
             self._log_events(initial, step=0)
-        mode = "fine-tune from " + cfg.init_from if cfg.init_from else "from scratch"
+        mode = "fine-tune from " + cfg.train.init_from if cfg.train.init_from else "from scratch"
         model = self.module.model
         self.monitor.info(
             f"model {mode}: d_model={self.model_config.d_model} n_layer={self.model_config.n_layer} "
             f"vocab={self.model_config.vocab_size}, {parameter_counts(model)[1]:,} parameters; "
-            f"{ctx.world_size} rank(s) on {self.device.type}, ZeRO-{zero_stage(self.ds_config)}, {cfg.precision}, "
-            f"seq_len {cfg.seq_len}" + (f" in chunks of {cfg.chunk_len}" if cfg.chunk_len else "")
-            + (f" split over {cfg.context_parallel} context-parallel ranks" if cfg.context_parallel > 1 else "")
+            f"{ctx.world_size} rank(s) on {self.device.type}, ZeRO-{zero_stage(self.ds_config)}, "
+            f"{cfg.train.precision}, seq_len {cfg.train.seq_len}"
+            + (f" in chunks of {cfg.train.chunk_len}" if cfg.train.chunk_len else "")
+            + (f" split over {cfg.train.context_parallel} context-parallel ranks" if cfg.train.context_parallel > 1
+               else "")
             + f", activation checkpointing {'on' if self.model_config.gradient_checkpointing else 'off'}, "
             f"{self.total_steps} steps of {self.tokens_per_step:,} tokens"
             + (f"; resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""))
 
     def _model_config(self):
         cfg = self.cfg
-        if cfg.init_from is not None:
-            config, _ = load_config(cfg.init_from)         # the weights are read once, in _fresh_model
+        if cfg.train.init_from is not None:
+            config, _ = load_config(cfg.train.init_from)         # the weights are read once, in _fresh_model
         else:
             config = cfg.model_config(self.train_shards.vocab_size)
         config.gradient_checkpointing = cfg.use_gradient_checkpointing
@@ -219,9 +223,9 @@ class Trainer:
 
     def _fresh_model(self) -> AdaptiveMambaForCausalLM:
         """The model with the current pillar structure (masks, adapters); weights: init or pretrained."""
-        torch.manual_seed(self.cfg.seed)
-        if self.cfg.init_from is not None:
-            model = AdaptiveMambaForCausalLM.from_pretrained(self.cfg.init_from)
+        torch.manual_seed(self.cfg.train.seed)
+        if self.cfg.train.init_from is not None:
+            model = AdaptiveMambaForCausalLM.from_pretrained(self.cfg.train.init_from)
             model.config.gradient_checkpointing = self.cfg.use_gradient_checkpointing
         else:
             model = AdaptiveMambaForCausalLM(copy.deepcopy(self.model_config))
@@ -275,8 +279,8 @@ class Trainer:
         """(input_ids, labels) on CPU of this rank's micro-batches of the next optimizer step, without advancing the
         data (pillar 3 computes gradient saliency on the step's global batch: these, on every rank)."""
         out = []
-        for j in range(self.cfg.grad_accum_steps):
-            epoch, step = divmod(self.step * self.cfg.grad_accum_steps + j, self.micro_per_epoch)
+        for j in range(self.cfg.train.grad_accum_steps):
+            epoch, step = divmod(self.step * self.cfg.train.grad_accum_steps + j, self.micro_per_epoch)
             batch = self.sampler.batch_at(step, epoch)
             out.append((batch["input_ids"], batch["labels"]))
         return out
@@ -295,8 +299,8 @@ class Trainer:
         self.pillars.on_step_begin(self.module.model, self.step)
         sums = torch.zeros(4, dtype=torch.float64)        # ce, reg, tokens, non-finite count
         own_norm = None
-        for j in range(cfg.grad_accum_steps):
-            batch = self._batch(self.step * cfg.grad_accum_steps + j)
+        for j in range(cfg.train.grad_accum_steps):
+            batch = self._batch(self.step * cfg.train.grad_accum_steps + j)
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(self._noise_seed(j))
                 ce, reg = self.engine(batch["input_ids"], batch["labels"])
@@ -304,14 +308,15 @@ class Trainer:
                 if any_rank(not torch.isfinite(loss.detach()).item()):
                     self._fail_non_finite(float(loss.detach()))
                 self.engine.backward(loss)
-            if j == cfg.grad_accum_steps - 1 and zero_stage(self.ds_config) == 0:
+            if j == cfg.train.grad_accum_steps - 1 and zero_stage(self.ds_config) == 0:
                 own_norm = _grad_norm(self.module)    # DeepSpeed reports no norm for a plain torch optimizer
             self.engine.step()
-            tokens = float((batch["labels"][:, 1:] != -100).sum()) / cfg.context_parallel   # a group shares a batch
+            # a context-parallel group shares a batch
+            tokens = float((batch["labels"][:, 1:] != -100).sum()) / cfg.train.context_parallel
             sums += torch.tensor([float(ce.detach()), float(reg.detach()), tokens, 0.0], dtype=torch.float64)
         self.step += 1
         sums = all_reduce_sum([sums])[0]
-        n = cfg.grad_accum_steps * self.ctx.world_size
+        n = cfg.train.grad_accum_steps * self.ctx.world_size
         norm = self.engine.get_global_grad_norm()
         norm = own_norm if norm is None else norm
         ce_mean, reg_mean = sums[0].item() / n, sums[1].item() / n
@@ -324,17 +329,17 @@ class Trainer:
         (seed, step, slot) alone, so evaluation, reports and refreshes between steps never shift it, at any ZeRO
         stage and across a resume. The slot rank * grad_accum_steps + micro names the micro-batch's place in the
         step's global batch: 2 ranks draw what 1 process with twice the accumulation draws."""
-        slot = self.dp_rank * self.cfg.grad_accum_steps + micro     # context-parallel ranks share a sequence
-        digest = hashlib.sha256(f"mask-noise/{self.cfg.seed}/{self.step}/{slot}".encode()).digest()
+        slot = self.dp_rank * self.cfg.train.grad_accum_steps + micro     # context-parallel ranks share a sequence
+        digest = hashlib.sha256(f"mask-noise/{self.cfg.train.seed}/{self.step}/{slot}".encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 1
 
     def _fail_non_finite(self, loss: float) -> None:
         good = ckpt.latest_checkpoint(self.output_dir)
         raise NonFiniteLossError(
             f"non-finite loss ({loss}) at optimizer step {self.step + 1}: training stopped before applying this step, "
-            f"and no checkpoint was written from it. Last checkpoint: {good or 'none (save_every=0)'} (if the "
-            "weights there already diverged, resume=PATH from an earlier one in the same folder). Lower "
-            "learning_rate (or raise warmup_steps / lower grad_clip) and restart")
+            f"and no checkpoint was written from it. Last checkpoint: {good or 'none (train.save_every=0)'} (if the "
+            "weights there already diverged, train.resume=PATH from an earlier one in the same folder). Lower "
+            "optim.lr (or raise optim.warmup_steps / lower optim.grad_clip) and restart")
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -343,7 +348,7 @@ class Trainer:
             return None
         self.engine.eval()
         sums = torch.zeros(2, dtype=torch.float64)
-        n_steps = min(self.cfg.eval_batches, self.val_sampler.steps_per_epoch(0))
+        n_steps = min(self.cfg.eval.batches, self.val_sampler.steps_per_epoch(0))
         with self.pillars.statistics_paused():     # scan-order statistics come from training batches only
             for s in range(n_steps):
                 batch = {k: v.to(self.device) for k, v in self.val_sampler.batch_at(s, 0).items()}
@@ -365,7 +370,7 @@ class Trainer:
         if self.step >= self.total_steps:
             mon.info(f"the run in {self.output_dir} already reached step {self.step} of {self.total_steps}: nothing to "
                      "train; summary.json and the checkpoints are left as they are (raise max_steps to continue, or "
-                     "use a new output_dir / resume=none to start over)")
+                     "use a new train.output_dir / train.resume=none to start over)")
             return RunResult("completed", self.step, str(self.resume_from))
         if self.step == 0:
             self._log_eval(self._evaluate_and_inspect())
@@ -374,13 +379,14 @@ class Trainer:
             rec = self.train_step()
             self.history.append(rec)
             events = self.pillars.maybe_refresh(self, rec.step)
-            if self.cfg.verify_ranks and events.get("decisions"):
+            if self.cfg.train.verify_ranks and events.get("decisions"):
                 self.verify_ranks("+".join(events["decisions"]))
             evaluation = None
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
                 evaluation = self._evaluate_and_inspect()
             stop = any_rank(self.stop_requested())
-            if stop or (cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps):
+            every = cfg.train.save_every
+            if stop or (every and self.step % every == 0 and self.step < self.total_steps):
                 last_ckpt = self.save()
             self._log_step(rec, events)
             self._log_eval(evaluation)
@@ -388,15 +394,15 @@ class Trainer:
                 status = "preempted"
                 break
         if status == "preempted":
-            mon.info(f"preempted at step {self.step}: checkpoint saved to {last_ckpt}; rerun with resume=auto "
+            mon.info(f"preempted at step {self.step}: checkpoint saved to {last_ckpt}; rerun with train.resume=auto "
                      f"(exit status {EXIT_PREEMPTED})")
             return RunResult(status, self.step, str(last_ckpt))
         self._log_eval(self._evaluate_and_inspect())
-        if self.cfg.verify_ranks:
+        if self.cfg.train.verify_ranks:
             self.verify_ranks("end")
         last_ckpt = self.save()
         summary = self._summary(last_ckpt)
-        if cfg.export_at_end:
+        if cfg.train.export_at_end:
             summary["export_dir"] = str(self.export())
         mon.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         if self.ctx.is_main:
@@ -415,7 +421,7 @@ class Trainer:
                 f.write(json.dumps({**dataclasses.asdict(rec), "tokens_per_s": tok_s}) + "\n")
         self._log_events(events, rec.step, metrics)
         self.monitor.advance(rec.step, rec.loss, tok_s)
-        if rec.step % self.cfg.log_every == 0 or rec.step == self.total_steps:
+        if rec.step % self.cfg.logging.every == 0 or rec.step == self.total_steps:
             self.monitor.info(f"step {rec.step}/{self.total_steps} loss {rec.loss:.4f} (ce {rec.ce:.4f} + reg "
                               f"{rec.reg:.4f}) lr {rec.lr:.2e} grad_norm {rec.grad_norm:.3f} {tok_s:,.0f} tok/s "
                               f"peak {peak_memory_mb():,.0f} MiB")
@@ -476,7 +482,7 @@ class Trainer:
                          "tokenizer_sha256": self.tokenizer_hash}
         rank_state = {"rng": ckpt.rng_state(), "pillars": self.pillars.rank_state_dict()}
         path = ckpt.save_checkpoint(self.engine, self.output_dir, self.step, trainer_state, rank_state,
-                                    self.ctx.rank, self.cfg.keep_last)
+                                    self.ctx.rank, self.cfg.train.keep_last)
         if self.monitor is not None:
             self.monitor.info(f"checkpoint saved: {path}")
         return path

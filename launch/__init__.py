@@ -1,0 +1,1 @@
+"""Command-line front ends: training, the study, the launcher wrapper (see each module)."""
