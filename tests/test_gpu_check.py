@@ -3,6 +3,7 @@ shellcheck, and bench/gpu_check.py runs every part on tiny CPU shapes (--cpu-smo
 Also `make train`'s launch defaults (launch/machine_defaults.py)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -63,14 +64,19 @@ def test_gpu_check_cpu_smoke_fills_every_field(tmp_path: Path) -> None:
     assert longest["longest_tokens"] == 4096 and set(longest["tried"]) == {"1024", "2048", "4096"}
 
 
-def test_gpu_check_refuses_unknown_parts_and_missing_cuda(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--cpu-smoke", "--parts", "scan,bogus"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "unknown part(s) ['bogus']" in proc.stderr
+def test_gpu_check_refuses_unknown_parts_and_missing_cuda(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """bench/gpu_check.py's main() in this process (its `__main__` is `raise SystemExit(main())`): the same exit
+    statuses and messages as the script, without starting Python and importing torch twice more."""
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--cpu-smoke", "--parts", "scan,bogus", "--workdir", str(tmp_path / "work")])
+    assert exit_info.value.code == 2 and "unknown part(s) ['bogus']" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
     if not torch.cuda.is_available():
-        proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(tmp_path / "x.json")], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+        assert gpu_check.main(["--out", str(tmp_path / "x.json"), "--workdir", str(tmp_path / "work")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
 
 
 def test_machine_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,8 @@ carried to the rebuilt optimizer (2 CPU ranks, ZeRO-2 and ZeRO-3), and the contr
 config (peft_mode lora / ia3 / full, hybrid without masks) train what they should and nothing else.
 
 The carry-over worker runs under torchrun from this same file (`python -m torch.distributed.run ... THIS_FILE
-STAGE`); the control runs go through launch/train.py like a user's."""
+STAGE...`), once for both stages (one launch, one process group); the control runs go through launch/train.py
+like a user's, two at a time (each is one single-threaded process)."""
 from __future__ import annotations
 
 import gc
@@ -11,7 +12,9 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -22,28 +25,45 @@ if str(REPO) not in sys.path:
 
 from tests.test_train_runs import TINY, _env, _port, data_dir, train  # noqa: E402,F401  (data_dir: fixture)
 
+if TYPE_CHECKING:
+    from adaptive_mamba.training.distributed import DistContext
+
 pytestmark = pytest.mark.distributed
 TARGETS = ("in_proj", "x_proj", "out_proj")
 
 
-def _carry_worker(stage: int) -> None:
-    """Train 3 steps with LoRA / IA3 / frozen modules, reallocate (merge, keep, add), rebuild the engine the way
-    Trainer.rebuild_engine does, and check the moments and steps that arrive in the new optimizer."""
+def _carry_workers(stages: list[int]) -> None:
+    """One process group for every stage (a torchrun launch and its imports cost more than a stage's check)."""
     import torch.distributed as dist
 
-    from adaptive_mamba import AdaptiveMambaConfig, AdaptiveMambaForCausalLM
-    from adaptive_mamba.pillars import AllocationDecision, HybridPeftConfig, MaskConfig, apply_allocation, apply_masks
-    from adaptive_mamba.training.config import load_train_config
     from adaptive_mamba.training.distributed import DistContext, init_distributed
-    from adaptive_mamba.training.engine import (_get_moment, _state_groups, build_engine, canonical_param_name,
-                                                deepspeed_config, full_state_dict, load_optimizer_state,
-                                                optimizer_state)
-    from adaptive_mamba.training.trainer import TrainingObjective
 
     env = os.environ
     ctx = DistContext(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env["LOCAL_RANK"]),
                       master_addr=env["MASTER_ADDR"], master_port=int(env["MASTER_PORT"]))
     init_distributed(ctx)
+    for stage in stages:
+        survivors, fresh = _carry_worker(ctx, stage)
+        if ctx.is_main:
+            print(f"CARRY-OK zero{stage}", survivors, fresh, flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _carry_worker(ctx: DistContext, stage: int) -> tuple[int, int]:
+    """Train 3 steps with LoRA / IA3 / frozen modules, reallocate (merge, keep, add), rebuild the engine the way
+    Trainer.rebuild_engine does, and check the moments and steps that arrive in the new optimizer. Returns the
+    number of surviving and of fresh parameters."""
+    import torch.distributed as dist
+
+    from adaptive_mamba import AdaptiveMambaConfig, AdaptiveMambaForCausalLM
+    from adaptive_mamba.pillars import AllocationDecision, HybridPeftConfig, MaskConfig, apply_allocation, apply_masks
+    from adaptive_mamba.training.config import load_train_config
+    from adaptive_mamba.training.engine import (_get_moment, _state_groups, build_engine, canonical_param_name,
+                                                deepspeed_config, full_state_dict, load_optimizer_state,
+                                                optimizer_state)
+    from adaptive_mamba.training.trainer import TrainingObjective
+
     cfg = load_train_config(None, ["data.dir=unused", "optim.lr=1e-2", "optim.weight_decay=0.1", "train.batch_size=1",
                                    f"train.zero_stage={stage}"])
     ds = deepspeed_config(cfg, ctx.world_size)
@@ -118,18 +138,26 @@ def _carry_worker(stage: int) -> None:
     del new
     gc.collect()
     dist.barrier()
-    if ctx.is_main:
-        print("CARRY-OK", len(survivors), fresh)
-    dist.destroy_process_group()
+    return len(survivors), fresh
+
+
+CARRY_STAGES = (2, 3)
+
+
+@pytest.fixture(scope="module")
+def carry_run() -> subprocess.CompletedProcess:
+    """Both stages' carry-over checks in one torchrun launch of 2 ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           __file__, *map(str, CARRY_STAGES)]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_reallocation_carries_adam_state_of_survivors(stage: int) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           __file__, str(stage)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "CARRY-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+@pytest.mark.parametrize("stage", CARRY_STAGES)
+def test_reallocation_carries_adam_state_of_survivors(carry_run: subprocess.CompletedProcess, stage: int) -> None:
+    proc = carry_run
+    assert f"CARRY-OK zero{stage}" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 def _base_model(directory: Path, vocab: int) -> Path:
@@ -140,21 +168,45 @@ def _base_model(directory: Path, vocab: int) -> Path:
     return directory
 
 
+CONTROL_MODES = ("lora", "ia3", "full", "hybrid")
+Finished = subprocess.CompletedProcess | AssertionError | subprocess.TimeoutExpired
+
+
+@pytest.fixture(scope="module")
+def control_runs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, tuple[Path, Path, Finished]]:
+    """One 3-step fine-tuning run per mode from the same saved base model. The runs are single-threaded processes,
+    so they go two at a time (one per core of a 2-core CI machine). Per mode: (base dir, output dir, the finished
+    process, or the error of a failed one, raised by that mode's test)."""
+    tmp = tmp_path_factory.mktemp("control_modes")
+    vocab = json.loads((data_dir / "metadata.json").read_text())["tokenizer"]["vocab_size"]
+    base_dir = _base_model(tmp / "base", vocab)
+
+    def run(mode: str) -> Finished:
+        try:
+            return train(1, [f"data.dir={data_dir}", f"train.output_dir={tmp / mode}", f"train.init_from={base_dir}",
+                             "train.max_steps=3", "train.zero_stage=2",
+                             *[a for a in TINY if a != "train.export_at_end=false"], "scan_order.enabled=false",
+                             "masks.enabled=false", f"peft.mode={mode}", "optim.lr=0.01", "peft.lora_r=2",
+                             "peft.application_ratio=0.5"])
+        except (AssertionError, subprocess.TimeoutExpired) as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = dict(zip(CONTROL_MODES, pool.map(run, CONTROL_MODES)))
+    return {mode: (base_dir, tmp / mode, proc) for mode, proc in procs.items()}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["lora", "ia3", "full", "hybrid"])
-def test_control_modes_train_what_they_should(tmp_path: Path, data_dir: Path, mode: str) -> None:
+@pytest.mark.parametrize("mode", CONTROL_MODES)
+def test_control_modes_train_what_they_should(control_runs: dict[str, tuple[Path, Path, Finished]], mode: str) -> None:
     """peft_mode lora / ia3 / full and the hybrid allocation without masks (importance from gradients, allocated
     before the first step): adapters (or every weight, for full) change; frozen weights stay bit-identical."""
     from adaptive_mamba import AdaptiveMambaForCausalLM
     from adaptive_mamba.pillars.persistence import base_state_dict, load_adaptive_model
 
-    vocab = json.loads((data_dir / "metadata.json").read_text())["tokenizer"]["vocab_size"]
-    base_dir = _base_model(tmp_path / "base", vocab)
-    out = tmp_path / mode
-    proc = train(1, [f"data.dir={data_dir}", f"train.output_dir={out}", f"train.init_from={base_dir}", "train.max_steps=3",
-                     "train.zero_stage=2", *[a for a in TINY if a != "train.export_at_end=false"],
-                     "scan_order.enabled=false", "masks.enabled=false", f"peft.mode={mode}", "optim.lr=0.01", "peft.lora_r=2",
-                     "peft.application_ratio=0.5"])
+    base_dir, out, proc = control_runs[mode]
+    if isinstance(proc, Exception):
+        raise proc
     base = AdaptiveMambaForCausalLM.from_pretrained(base_dir).state_dict()
     tuned = load_adaptive_model(out / "export" / "adaptive")
     after = base_state_dict(tuned)
@@ -179,4 +231,4 @@ def test_control_modes_train_what_they_should(tmp_path: Path, data_dir: Path, mo
 
 
 if __name__ == "__main__":
-    _carry_worker(int(sys.argv[1]))
+    _carry_workers([int(a) for a in sys.argv[1:]])

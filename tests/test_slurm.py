@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
+from test_train_runs import data_dir  # noqa: F401  (module fixture: the shared stdlib shards)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
@@ -62,12 +62,10 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def token_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Token shards built once from this Python's standard library (SentencePiece, 512 tokens, ~8 s)."""
-    out = tmp_path_factory.mktemp("slurm-data") / "stdlib"
-    subprocess.run([sys.executable, "-m", "data_prep", "--out", str(out), "--max-mb", "0.3",
-                    "--tokenizer", "sentencepiece:512"], cwd=REPO, check=True, capture_output=True, timeout=300)
-    return out
+def token_data(data_dir: Path) -> Path:  # noqa: F811
+    """The token shards every training test reads (this Python's standard library, SentencePiece 512), built once
+    per checkout instead of once more here (a data_prep run, ~8 s)."""
+    return data_dir
 
 
 @pytest.fixture(scope="module")

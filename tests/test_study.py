@@ -51,10 +51,11 @@ def _results(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, shared_data: Path) -> dict:
-    """A study interrupted after its first two finished runs, then resumed to the end."""
+    """A study interrupted after its first two finished runs (two at a time: each run is one single-threaded
+    process), then resumed to the end."""
     tmp = tmp_path_factory.mktemp("study")
     definition, out, cache = _definition(tmp), tmp / "out", tmp / "cache"
-    cmd = _command(definition, out, cache, shared_data / "books", "--jobs", "1")
+    cmd = _command(definition, out, cache, shared_data / "books", "--jobs", "2")
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 600
@@ -64,7 +65,7 @@ def study(tmp_path_factory, shared_data: Path) -> dict:
     proc.wait()
     before = _results(out)
     assert len(before) >= 2, "the study did not finish two runs before the deadline"
-    resumed = subprocess.run(cmd + ["--resume", "--jobs", "2"], cwd=REPO, env=_env(), capture_output=True, text=True,
+    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, env=_env(), capture_output=True, text=True,
                              timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return {"out": out, "cmd": cmd, "before": before, "log": resumed.stdout + resumed.stderr}
