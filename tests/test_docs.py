@@ -45,23 +45,6 @@ RUNS: dict[str, list[str]] = {
     "SLURM_TASKS_PER_NODE='8(x4)' SLURM_GPUS_ON_NODE=8 bash slurm/train.sh --config configs/demo.yaml": [],
 }
 
-# Until the nested config tree (issue 15) replaces the flat TrainConfig, dotted keys are checked under their flat
-# names. None: a key that only the tree has. Used only while the loader rejects dotted keys, so it retires itself.
-FLAT_NAMES: dict[str, str | None] = {
-    "model.d_model": "d_model", "model.n_layer": "n_layers", "data.dir": "data_dir", "data.source": "data_source",
-    "data.tokenizer": "tokenizer", "data.max_mb": "data_max_mb", "data.packing": "packing",
-    "optim.lr": "learning_rate", "masks.learning_rate": "mask_learning_rate", "masks.enabled": "masking",
-    "masks.kind": "mask_granularity", "masks.block_size": "mask_block_size", "masks.tau_start": "masking_tau",
-    "masks.tau_end": "masking_tau_final", "scan_order.enabled": "scan_order",
-    "scan_order.every": "scan_update_frequency", "peft.enabled": "peft", "peft.mode": "peft_mode",
-    "peft.lora_r": "peft_r", "peft.every": "peft_reallocation_frequency", "peft.start_step": "peft_start_step",
-    "eval.every": "eval_every", "logging.wandb": "wandb", "logging.wandb_mode": "wandb_mode",
-    "logging.every": "log_every", "logging.progress_bar": "progress_bar",
-    "train.zero_stage": None, "train.offload": None, "train.deepspeed_extra": None,
-}
-FLAT_BY_SECTION = {"train", "optim", "masks", "peft"}     # train.max_steps -> max_steps, masks.target_sparsity ...
-
-
 @dataclass(frozen=True)
 class Command:
     path: Path
@@ -113,34 +96,6 @@ def check_flags(argv: tuple[str, ...], args: list[str], what: str) -> None:
                 raise AssertionError(f"{flag} is not in `{' '.join(argv)} --help`")
 
 
-@functools.lru_cache(maxsize=None)
-def dotted_keys_supported() -> bool:
-    from adaptive_mamba.training.config import load_train_config
-
-    try:
-        load_train_config(REPO_ROOT / "configs" / "demo.yaml", ["train.max_steps=1"])
-    except ValueError:
-        return False
-    return True
-
-
-def config_overrides(overrides: list[str]) -> list[str]:
-    """The overrides as the current loader spells them (dotted, or flat before the config tree lands)."""
-    if dotted_keys_supported():
-        return overrides
-    flat = []
-    for item in overrides:
-        key, value = item.split("=", 1)
-        if key in FLAT_NAMES:
-            if FLAT_NAMES[key] is not None:
-                flat.append(f"{FLAT_NAMES[key]}={value}")
-        elif "." in key and key.split(".", 1)[0] in FLAT_BY_SECTION:
-            flat.append(f"{key.split('.', 1)[1]}={value}")
-        else:
-            flat.append(item)
-    return flat
-
-
 def check_train_args(args: list[str], what: str) -> None:
     """launch/train.py's arguments: the config file exists and loads with the overrides."""
     from adaptive_mamba.training.config import load_train_config
@@ -157,7 +112,7 @@ def check_train_args(args: list[str], what: str) -> None:
             raise AssertionError(f"{what}: launch/train.py takes --config FILE and key=value, not {arg!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # a deprecated key in the docs is an error
-        load_train_config(config, config_overrides(overrides))
+        load_train_config(config, overrides)
 
 
 def check_script(script: str, args: list[str], what: str) -> None:
@@ -296,10 +251,6 @@ def scratch_checkout(root: Path, shared_data: Path) -> Path:
 def run_argv(tokens: list[str]) -> list[str]:
     program, args = tokens[0], tokens[1:]
     if program in ("python", "python3"):
-        script = next((i for i, a in enumerate(args) if a.endswith(".py")), None)
-        if script is not None and args[script] == "launch/train.py":
-            args = [*args[:script + 1], *[a if "=" not in a or a.startswith("-") else config_overrides([a])[0]
-                                          for a in args[script + 1:]]]
         return [PY, *args]
     return [program, *args]
 
@@ -316,8 +267,6 @@ def test_readme_is_short_and_links_resolve() -> None:
             file, _, anchor = target.partition("#")
             dest = (path.parent / file).resolve() if file else path
             if not dest.exists():
-                if dest == REPO_ROOT / "docs" / "configuration.md" and not dotted_keys_supported():
-                    continue          # generated from the config tree, which has not landed yet
                 broken.append(f"{path.relative_to(REPO_ROOT)}: {target} (no such file)")
             elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
                 broken.append(f"{path.relative_to(REPO_ROOT)}: {target} (no such heading)")
