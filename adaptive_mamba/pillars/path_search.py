@@ -55,8 +55,11 @@ def canonical_cost(cost: np.ndarray) -> np.ndarray:
     exact sum (the same in any order of addition). A path and its reverse then cost exactly the same, and such ties
     go to the lowest index instead of to rounding noise: the decision does not hinge on 1-ulp differences in the
     statistics (one process vs several ranks, ZeRO stages). Idempotent."""
-    scale = float(2 ** COST_GRID_BITS)          # a power of two: scaling is exact
-    return np.round((cost + cost.T) / 2 * scale) / scale
+    canon = cost + cost.T
+    canon *= float(2 ** (COST_GRID_BITS - 1))     # (cost + cost.T) / 2 on the grid: powers of two scale exactly
+    np.round(canon, out=canon)
+    canon /= float(2 ** COST_GRID_BITS)
+    return canon
 
 
 def path_cost(cost: np.ndarray, order: Sequence[int]) -> float:
@@ -193,19 +196,23 @@ def two_opt(cost: np.ndarray, order: np.ndarray, max_passes: int = 50, n_neighbo
     return np.concatenate([tour[pos + 1:], tour[:pos]]).astype(np.int64)
 
 
-def best_path(cost: np.ndarray, n_starts: int = 8, max_passes: int = 50) -> tuple[np.ndarray, float, float]:
-    """Nearest-neighbour paths from n_starts evenly spaced channels, the cheapest improved by 2-opt, all decided on
-    the canonical cost (exactly symmetric, exact sums). Returns (order, greedy cost, cost after 2-opt) under `cost`."""
-    d = cost.shape[0]
-    canon = canonical_cost(cost)
+def search_canonical(canon: np.ndarray, n_starts: int = 8, max_passes: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-neighbour paths from n_starts evenly spaced channels on a canonical cost (`canonical_cost`), the
+    cheapest improved by 2-opt. Returns (greedy path, improved path)."""
+    d = canon.shape[0]
     starts = sorted({int(round(k * d / n_starts)) % d for k in range(max(1, min(n_starts, d)))})
     paths = nearest_neighbour_paths(canon, starts)
     costs = canon[paths[:, :-1], paths[:, 1:]].sum(axis=1)
     greedy = paths[int(np.argmin(costs))]
-    improved = two_opt(canon, greedy, max_passes)
+    return greedy, two_opt(canon, greedy, max_passes)
+
+
+def best_path(cost: np.ndarray, n_starts: int = 8, max_passes: int = 50) -> tuple[np.ndarray, float, float]:
+    """`search_canonical` on the canonical form of `cost` (exactly symmetric, exact sums), so 1-ulp noise in `cost`
+    does not change the path. Returns (order, greedy cost, cost after 2-opt) under `cost`."""
+    greedy, improved = search_canonical(canonical_cost(cost), n_starts, max_passes)
     return improved, path_cost(cost, greedy), path_cost(cost, improved)
 
 
 __all__ = ["best_path", "canonical_cost", "correlation", "cost_matrix", "nearest_neighbour_path", "nearest_neighbour_paths",
-           "path_cost",
-           "two_opt"]
+           "path_cost", "search_canonical", "two_opt"]

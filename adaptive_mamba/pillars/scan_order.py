@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from adaptive_mamba.config import at_least, setting
 from adaptive_mamba.pillars.common import D_INNER_SIDE, PROJECTIONS, base_layer
 from adaptive_mamba.pillars.path_search import (LayerStats, best_path, canonical_cost, correlation, cost_matrix,
-                                                nearest_neighbour_path, path_cost, two_opt)
+                                                nearest_neighbour_path, path_cost, search_canonical, two_opt)
 
 if TYPE_CHECKING:
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
@@ -115,13 +115,13 @@ STATS_GRID_BITS = 24     # statistics are multiples of 2^-24: float64 sums of th
 
 
 def _on_grid(t: Tensor) -> Tensor:
-    """`t` rounded to a multiple of 2^-STATS_GRID_BITS. Sums of such values are exact in float64 (while below
+    """`t` (a fresh tensor, overwritten) rounded in place to a multiple of 2^-STATS_GRID_BITS. Sums of such values are exact in float64 (while below
     2^(53 - STATS_GRID_BITS)), so they do not depend on the order of addition: one process accumulating two
     micro-batches per step and two ranks accumulating one each, then all-reduced, hold bit-identical statistics,
     and the scan-order decision (a discrete choice that a 1-ulp difference can flip at a near-tie) is the same
     at every ZeRO stage and world size."""
     scale = float(2 ** STATS_GRID_BITS)          # a power of two: scaling is exact
-    return torch.round(t * scale).div_(scale)
+    return t.mul_(scale).round_().div_(scale)
 
 
 @dataclass
@@ -168,8 +168,9 @@ def decide_layer(stats: LayerStats, block_size: int = 1, n_starts: int = 8, max_
     cost = canonical_cost(cost_matrix(stats))     # exact path sums: no ties made by rounding noise
     d = cost.shape[0]
     identity_cost = path_cost(cost, np.arange(d))
-    if block_size == 1:
-        order, greedy_cost, after_cost = best_path(cost, n_starts, max_passes)
+    if block_size == 1:                            # `cost` is canonical already: search it as it is
+        greedy, order = search_canonical(cost, n_starts, max_passes)
+        greedy_cost, after_cost = path_cost(cost, greedy), path_cost(cost, order)
     else:
         order = blockwise_path(cost, block_size, n_starts, max_passes)
         greedy_cost = path_cost(cost, blockwise_path(cost, block_size, n_starts, 0))
