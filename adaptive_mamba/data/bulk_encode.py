@@ -67,11 +67,14 @@ class BulkEncoder:
                 yield self._finish(*pending)
 
     def _forget(self) -> None:
-        """Start the piece cache over: piece -> slot, and each slot's ids as a slice of one flat array."""
+        """Start the piece cache over: piece -> slot, and each slot's ids as a slice of one flat array. The
+        arrays have spare capacity (`_n_ids` ids and `_n_slots` slots are used) so that appending a chunk's
+        new pieces copies the cache only when it doubles."""
         self._index: dict[str, int] = {}
         self._flat = np.zeros(0, dtype=np.int64)
         self._start = np.zeros(0, dtype=np.int64)
         self._len = np.zeros(0, dtype=np.int64)
+        self._n_ids = self._n_slots = 0
 
     def _chunks(self, texts: Sequence[str]) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
         """(pieces, text index of each segment, pieces per segment) for about `chunk_chars` of text at a time."""
@@ -114,12 +117,26 @@ class BulkEncoder:
                 seg_pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Add the chunk's new pieces to the cache, then gather its ids piece by piece."""
         flat, lens = job.result()
-        self._start = np.concatenate([self._start, len(self._flat) + np.cumsum(lens) - lens])
-        self._len = np.concatenate([self._len, lens])
-        self._flat = np.concatenate([self._flat, flat])
+        self._start = _append(self._start, self._n_slots, self._n_ids + np.cumsum(lens) - lens)
+        self._len = _append(self._len, self._n_slots, lens)
+        self._flat = _append(self._flat, self._n_ids, flat)
+        self._n_slots += len(lens)
+        self._n_ids += len(flat)
         n = self._len[slots]
         ends = np.cumsum(n)
         # output position j of piece p (whose ids start at ends[p] - n[p]) reads _flat[_start[slot] + offset]
         src = np.repeat(self._start[slots] - (ends - n), n) + np.arange(int(ends[-1]))
         seg_len = np.add.reduceat(n, np.cumsum(seg_pieces) - seg_pieces)
         return self._flat[src], seg_doc, seg_len
+
+
+def _append(buffer: np.ndarray, used: int, values: np.ndarray) -> np.ndarray:
+    """`buffer` with `values` written after its first `used` entries; reallocated (at least doubled) only when
+    full, so appending chunk after chunk costs time linear in the total instead of quadratic."""
+    end = used + len(values)
+    if end > len(buffer):
+        grown = np.empty(max(end, 2 * len(buffer)), dtype=buffer.dtype)
+        grown[:used] = buffer[:used]
+        buffer = grown
+    buffer[used:end] = values
+    return buffer
