@@ -427,3 +427,22 @@ def test_channel_sparse_training_equals_dense_masked(pattern: str, monkeypatch) 
         grad = sparse_grads["blocks.1.mixer.in_proj.weight"].view(2, 128, -1)
         assert bool((grad[:, dropped] == 0).all()) and bool((grad[:, ~dropped] != 0).any())
         assert bool((sparse_grads["blocks.1.mixer.channel_mask.mask_logits"][dropped] == 0).all())
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "structured", "channel"])
+def test_masked_model_trains_and_evaluates_in_float64(kind: str) -> None:
+    """Every mask kind works in the model's dtype: float64 logits, noise and history (a float32 history
+    write used to fail under `model.double()`)."""
+    model = tiny_model()
+    apply_masks(model, MaskConfig(kind=kind, block_size=8, targets=ALL))
+    randomize_logits(model)
+    model.double()
+    ids = torch.randint(0, 128, (2, 24))
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert all(m.mask_logits.grad is not None for m in masked_modules(model).values())
+    assert all(m.mask_history.dtype == torch.float64 and int(m.history_count) == 1
+               for m in masked_modules(model).values())
+    model.eval()
+    with torch.no_grad():
+        assert model(ids).logits.dtype == torch.float64

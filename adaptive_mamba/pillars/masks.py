@@ -141,7 +141,7 @@ class MaskLogits:
         m = self.settle(torch.sigmoid((L + logistic_noise(L.shape, L)) / self.tau))
         with torch.no_grad():
             slot = (self.history_count % self.mask_history.numel()).view(1)
-            self.mask_history.index_copy_(0, slot, m.detach().float().mean().view(1))
+            self.mask_history.index_copy_(0, slot, m.detach().mean().view(1).to(self.mask_history.dtype))
             self.history_count += 1
         return m
 
