@@ -66,6 +66,15 @@ def check_settings(cls: type, values: Mapping[str, Any], prefix: str = "") -> No
             raise ConfigValueError(prefix + f.name, value, f"must be {rule}")
 
 
+class Settings:
+    """Base of the settings dataclasses: an instance checks every field against the rule its `setting` declares,
+    however it is built, so each rule is written once. (The training loader checks the raw values first, to name
+    a bad key as the user typed it.)"""
+
+    def __post_init__(self) -> None:
+        check_settings(type(self), vars(self), type(self).__name__ + ".")
+
+
 def check_known_keys(cls_name: str, given: dict[str, Any], known: set[str]) -> None:
     """Raise a ValueError naming every unknown key, with the closest known key as a suggestion."""
     unknown = sorted(set(given) - known)
@@ -78,7 +87,7 @@ def check_known_keys(cls_name: str, given: dict[str, Any], known: set[str]) -> N
 
 
 @dataclass
-class AdaptiveMambaConfig:
+class AdaptiveMambaConfig(Settings):
     """Mamba-1 architecture (the `model` section of a training config). Sizes default to a small model; those
     of state-spaces/mamba-130m are d_model=768, n_layer=24, vocab_size=50277."""
 
@@ -99,7 +108,8 @@ class AdaptiveMambaConfig:
     bias: bool = setting(False, "bias of in_proj / out_proj")
     norm_epsilon: float = setting(1e-5, "RMSNorm epsilon")
     residual_in_fp32: bool = setting(True, "keep the residual stream in fp32")
-    pad_vocab_size_multiple: int = setting(8, "the embedding rows are padded to a multiple of this")
+    pad_vocab_size_multiple: int = setting(8, "the embedding rows are padded to a multiple of this",
+                                           check=at_least(1))
     tie_embeddings: bool = setting(True, "the LM head shares the embedding matrix")
     initializer_range: float = setting(0.02, "std of the embedding init")
     rescale_prenorm_residual: bool = setting(True, "GPT-2 style rescaling of out_proj at init")
@@ -112,17 +122,13 @@ class AdaptiveMambaConfig:
     model_type: ClassVar[str] = "adaptive_mamba"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.dt_rank != "auto" and not (isinstance(self.dt_rank, int) and self.dt_rank > 0):
             raise ValueError(f"dt_rank must be 'auto' or a positive int, got {self.dt_rank!r}")
-        if self.dt_init not in ("random", "constant"):
-            raise ValueError(f"dt_init must be 'random' or 'constant', got {self.dt_init!r}")
         if self.layer_d_inner is not None and (len(self.layer_d_inner) != self.n_layer
                                                or min(self.layer_d_inner, default=1) < 1):
             raise ValueError(f"layer_d_inner must list n_layer={self.n_layer} channel counts >= 1, "
                              f"got {self.layer_d_inner!r}")
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def d_inner(self) -> int:

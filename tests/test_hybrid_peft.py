@@ -104,7 +104,7 @@ def test_importance_from_activations_and_clear_errors() -> None:
         module_importance(plain, cfg)
     with pytest.raises(ValueError, match="needs at least one batch"):
         module_importance(plain, HybridPeftConfig())
-    with pytest.raises(ValueError, match="importance_source must be one of"):
+    with pytest.raises(ValueError, match=r"HybridPeftConfig.importance_source=.logits. is invalid: it must be one of"):
         HybridPeftConfig(importance_source="logits")
 
 

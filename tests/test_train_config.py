@@ -89,9 +89,9 @@ def test_unknown_keys_suggest(tmp_path: Path) -> None:
 
 
 def test_invalid_values_and_missing_data() -> None:
-    with pytest.raises(ValueError, match=r"train.precision='fp16' is invalid: it must be one of \['fp32', 'bf16'\]"):
+    with pytest.raises(ValueError, match=r"TrainSection.precision='fp16' is invalid: it must be one of \['fp32', 'bf16'\]"):
         TrainConfig(data=STDLIB, train=TrainSection(precision="fp16"))
-    with pytest.raises(ValueError, match="train.seq_len=1"):
+    with pytest.raises(ValueError, match="TrainSection.seq_len=1 is invalid: it must be >= 2"):
         TrainConfig(data=STDLIB, train=TrainSection(seq_len=1))
     with pytest.raises(ValueError, match="set data.dir"):
         TrainConfig()
@@ -236,3 +236,14 @@ def test_data_prep_cli_errors_name_the_flag(flag: str, value: str, expected: str
     with pytest.raises(SystemExit) as err:
         parse_args(["--out", "x", flag, value])
     assert err.value.code == 2 and expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cls,bad", [(MaskConfig, {"block_size": 0}), (MaskConfig, {"activation_window": 0}),
+                                     (HybridPeftConfig, {"lora_dropout": 1.0}), (ScanOrderConfig, {"every": -1}),
+                                     (AdaptiveMambaConfig, {"pad_vocab_size_multiple": 0}),
+                                     (OptimConfig, {"weight_decay": -0.1})])
+def test_sections_built_in_code_check_their_declared_rules(cls: type, bad: dict) -> None:
+    """A section built without the loader enforces the same `setting(check=...)` rule, named by class."""
+    (name, value), = bad.items()
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}\.{name}={value!r} is invalid: it must be"):
+        cls(**bad)

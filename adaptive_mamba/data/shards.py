@@ -32,7 +32,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from adaptive_mamba.config import above, at_least, between, setting
+from adaptive_mamba.config import above, at_least, between, Settings, setting
 from adaptive_mamba.data.bulk_encode import BulkEncoder
 from adaptive_mamba.data.sources import Document, DocumentReader
 from adaptive_mamba.fileio import file_sha256
@@ -100,7 +100,7 @@ class DataPrepConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Settings):
     """The `data` section of a training config: where the token shards are, and how to build them when missing
     (`prep_config`, consumed by `build_shards`) and cut them into training windows (`packing`)."""
 

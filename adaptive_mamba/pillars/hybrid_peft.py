@@ -65,7 +65,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import LoraVariant
 from torch import Tensor, nn
 
-from adaptive_mamba.config import above, at_least, between, check_known_keys, setting
+from adaptive_mamba.config import above, at_least, between, check_known_keys, Settings, setting
 from adaptive_mamba.model import parameter_counts
 from adaptive_mamba.pillars.common import (PROJECTIONS, base_layer, check_projections, iter_projections,
                                            resolve_module)
@@ -82,7 +82,7 @@ ADAPTER_NAMES = {"lora": "lora", "ia3": "ia3"}     # peft adapter name per kind
 
 
 @dataclass
-class HybridPeftConfig:
+class HybridPeftConfig(Settings):
     """Pillar 3 settings (the `peft` section of a training config). In training, target_modules follows
     masks.targets and seed follows train.seed."""
 
@@ -117,15 +117,7 @@ class HybridPeftConfig:
     def __post_init__(self) -> None:
         self.target_modules = check_projections(self.target_modules, "HybridPeftConfig.target_modules")
         self.ia3_scale_inputs = tuple(self.ia3_scale_inputs)
-        for name in ("importance_threshold", "application_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"HybridPeftConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.importance_source not in IMPORTANCE_SOURCES:
-            raise ValueError(f"importance_source must be one of {IMPORTANCE_SOURCES}, got {self.importance_source!r}")
-        if self.on_kind_change not in ("merge", "remove"):
-            raise ValueError(f"on_kind_change must be 'merge' or 'remove', got {self.on_kind_change!r}")
-        if self.lora_r < 1 or self.importance_window < 1 or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError("lora_r and importance_window must be >= 1 and lora_dropout in [0, 1)")
+        super().__post_init__()
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "target_modules": list(self.target_modules),

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptive_mamba.config import above, at_least, between, check_known_keys, setting
+from adaptive_mamba.config import above, at_least, between, check_known_keys, Settings, setting
 from adaptive_mamba.pillars.common import (D_INNER_SIDE, DEFAULT_TARGETS, PROJECTIONS, base_layer,
                                            check_projections, iter_projections, resolve_module)
 
@@ -50,7 +50,7 @@ GATHER_MIN_FAN_IN = 64
 
 
 @dataclass
-class MaskConfig:
+class MaskConfig(Settings):
     """Pillar 2 settings. `structured_side` "auto" masks the d_inner side of each projection (see common.py),
     the side pillar 1 reorders, so that correlated channels are removed together."""
 
@@ -78,27 +78,15 @@ class MaskConfig:
     learning_rate: Optional[float] = setting(5e-2, "peak lr of the mask logits (None: optim.lr), same schedule; "
                                              "Adam moves a logit ~lr per step: from +3 to 0 in ~60 steps",
                                              check=above(0))
-    activation_window: int = setting(100, "steps of mean mask activation kept per module (pillar 3 importance)")
+    activation_window: int = setting(100, "steps of mean mask activation kept per module (pillar 3 importance)",
+                                     check=at_least(1))
     hard_threshold: float = setting(0.01, "channel masks in training: a channel whose keep probability sigmoid(L) is "
                                     "below it is exactly 0 (not computed: training speeds up), above 1 - it exactly "
                                     "1 (0: only what the relaxed sample makes exact)", check=between(0, 0.5, True))
 
     def __post_init__(self) -> None:
         self.targets = check_projections(self.targets, "MaskConfig.targets")
-        if self.kind not in MASK_KINDS:
-            raise ValueError(f"MaskConfig.kind must be one of {MASK_KINDS}, got {self.kind!r}")
-        if self.structured_side not in ("auto", "out", "in"):
-            raise ValueError(f"MaskConfig.structured_side must be 'auto', 'out' or 'in', got {self.structured_side!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"MaskConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.block_size < 1 or (self.anneal_steps or 1) < 1 or self.activation_window < 1:
-            raise ValueError("MaskConfig.block_size, anneal_steps and activation_window must be >= 1")
-        if not (self.tau_start > 0 and self.tau_end > 0):
-            raise ValueError(f"temperatures must be > 0, got tau_start={self.tau_start}, tau_end={self.tau_end}")
-        if not 0.0 <= self.target_sparsity < 1.0:
-            raise ValueError(f"MaskConfig.target_sparsity must be in [0, 1), got {self.target_sparsity}")
-        if not 0.0 <= self.hard_threshold < 0.5:
-            raise ValueError(f"MaskConfig.hard_threshold must be in [0, 0.5), got {self.hard_threshold}")
+        super().__post_init__()
 
     def side_for(self, proj: str) -> str:
         return D_INNER_SIDE[proj] if self.structured_side == "auto" else self.structured_side

@@ -28,8 +28,8 @@ from typing import Any, Iterator, Mapping, Optional, Union, get_args, get_origin
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from adaptive_mamba.config import (AdaptiveMambaConfig, ConfigValueError, above, at_least, between, check_settings,
-                                   setting)
+from adaptive_mamba.config import (AdaptiveMambaConfig, ConfigValueError, Settings, above, at_least, between,
+                                   check_settings, setting)
 from adaptive_mamba.data.shards import DataConfig
 from adaptive_mamba.pillars.hybrid_peft import HybridPeftConfig
 from adaptive_mamba.pillars.masks import MaskConfig
@@ -37,7 +37,7 @@ from adaptive_mamba.pillars.scan_order import ScanOrderConfig
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Settings):
     """torch AdamW and the learning-rate schedule (mask logits: masks.learning_rate, same schedule)."""
 
     lr: float = setting(1e-3, "peak learning rate", check=above(0))
@@ -53,7 +53,7 @@ class OptimConfig:
 
 
 @dataclass
-class TrainSection:
+class TrainSection(Settings):
     """The run: sequence and batch sizes, length, precision and parallelism, checkpoints."""
 
     init_from: Optional[str] = setting(None, "pretrained model directory (ours / transformers / state-spaces): "
@@ -90,7 +90,7 @@ class TrainSection:
 
 
 @dataclass
-class EvalDuringTraining:
+class EvalDuringTraining(Settings):
     """Validation during training."""
 
     every: int = setting(0, "optimizer steps between evals (0: only at start and end)", check=at_least(0))
@@ -98,7 +98,7 @@ class EvalDuringTraining:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Settings):
     """Console, metrics.jsonl and W&B."""
 
     wandb: bool = setting(True, "log to W&B")
@@ -130,8 +130,6 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        for name, section in self.sections():
-            check_settings(type(section), vars(section), name + ".")
         self.peft.seed, self.peft.target_modules = self.train.seed, tuple(self.masks.targets)
         self.model.gradient_checkpointing = self.use_gradient_checkpointing
         peft, masks = self.peft, self.masks
