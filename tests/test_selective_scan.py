@@ -173,11 +173,13 @@ def test_denormal_states_are_flushed_not_slow():
     assert torch.count_nonzero(last) == 0
 
 
-def test_strided_inputs_from_the_model_layout_match_the_reference():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_strided_inputs_from_the_model_layout_match_the_reference(threads):
     """u, delta, z given as (b, d, L) views of (b, L, d) activations and B/C sliced from a (b, L, R + 2N) tensor
     (the model's layouts, no copies) give the reference outputs and gradients. d = 40 leaves a partial channel
-    block (blocks are 16 channels)."""
-    b, d, n, length = 2, 40, 16, 29
+    block (blocks are 16 channels); L = 150 spans three of the kept-state chunks (64 steps, the last partial);
+    with 2 threads the backward splits the blocks between two workers."""
+    b, d, n, length = 2, 40, 16, 150
     g = torch.Generator().manual_seed(1)
     u_bld = torch.randn(b, length, d, generator=g)
     delta_bld = 0.5 * torch.randn(b, length, d, generator=g)
@@ -197,7 +199,12 @@ def test_strided_inputs_from_the_model_layout_match_the_reference():
         return out, last, [t.grad for t in leaves]
 
     out_ref, last_ref, g_ref = run(selective_scan_ref, torch.float64)
-    out, last, grads = run(selective_scan, torch.float32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, last, grads = run(selective_scan, torch.float32)
+    finally:
+        torch.set_num_threads(previous)
     assert rel_err(out, out_ref) <= 1e-5 and rel_err(last, last_ref) <= 1e-5
     for name, got, want in zip(("u", "delta", "xz", "x_dbl", "A", "D", "delta_bias"), grads, g_ref):
         assert rel_err(got, want) <= 1e-5, name
