@@ -210,15 +210,17 @@ def test_strided_inputs_from_the_model_layout_match_the_reference(threads):
         assert rel_err(got, want) <= 1e-5, name
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("d,k,bias", [(8, 4, True), (70, 4, True), (16, 3, False)])
-def test_fused_conv_silu_matches_the_module(d, k, bias):
+def test_fused_conv_silu_matches_the_module(d, k, bias, threads):
     """The fused causal depthwise conv + SiLU on (b, L, d) equals the nn.Conv1d module (padding k - 1, cut to L),
-    forward and gradients, including a partial channel chunk (d = 70) and no bias."""
+    forward and gradients, with and without bias. L = 150 spans three of the kernel's 64-step work items (each
+    item's gradient needs the k - 1 steps after it); with 2 threads the weight gradients are summed over threads."""
     from adaptive_mamba.ops import causal_conv1d_silu
 
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(d, d, k, groups=d, padding=k - 1, bias=bias).double()
-    xz = torch.randn(2, 33, 2 * d, dtype=torch.float64)
+    xz = torch.randn(2, 150, 2 * d, dtype=torch.float64)
 
     def run(fn, dtype):
         c = conv.to(dtype)
@@ -231,7 +233,12 @@ def test_fused_conv_silu_matches_the_module(d, k, bias):
 
     module = lambda x, c: torch.nn.functional.silu(c(x.transpose(1, 2))[..., :x.shape[1]]).transpose(1, 2)
     want, g_want = run(module, torch.float64)
-    got, g_got = run(causal_conv1d_silu, torch.float32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, g_got = run(causal_conv1d_silu, torch.float32)
+    finally:
+        torch.set_num_threads(previous)
     assert rel_err(got, want) <= 1e-5
     for a, b in zip(g_got, g_want):
         assert rel_err(a, b) <= 1e-5

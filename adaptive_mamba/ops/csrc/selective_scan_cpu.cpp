@@ -431,8 +431,8 @@ std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor del
 // ------------------------------------------------------------------------------------------------------------
 namespace {
 
-constexpr int64_t kConvChunk = 64;  // channels per parallel work item
-constexpr int64_t kMaxConv = 16;    // longest filter
+constexpr int64_t kConvRows = 64;  // time steps per parallel work item
+constexpr int64_t kMaxConv = 16;   // longest filter
 
 struct Rows {  // (B, L, D) with the channel stride 1
   float* p;
@@ -442,26 +442,28 @@ struct Rows {  // (B, L, D) with the channel stride 1
 
 Rows rows(const torch::Tensor& t) { return Rows{t.data_ptr<float>(), t.stride(0), t.stride(1)}; }
 
-// One chunk of channels [d0, d1): its filter taps transposed to (K, chunk) so the inner loops are contiguous.
-struct ConvChunk {
-  int64_t d0, n, K;
-  float w[kMaxConv][kConvChunk], bias[kConvChunk];
+// The filter taps transposed to (K, D), so that every loop runs over whole rows of contiguous channels: the
+// activations are rows of 2-4 KiB (x is a slice of in_proj's output), read front to back, each page once.
+struct ConvWeights {
+  int64_t D, K;
+  std::vector<float> w, bias;
 
-  ConvChunk(const torch::Tensor& weight, const torch::Tensor& b, int64_t c) : d0(c * kConvChunk), K(weight.size(1)) {
-    n = std::min(kConvChunk, weight.size(0) - d0);
+  ConvWeights(const torch::Tensor& weight, const torch::Tensor& b) : D(weight.size(0)), K(weight.size(1)),
+      w(K * D), bias(D, 0.0f) {
     const float* wp = weight.data_ptr<float>();
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < n; ++j) w[k][j] = wp[(d0 + j) * K + k];
-    for (int64_t j = 0; j < n; ++j) bias[j] = b.numel() ? b.data_ptr<float>()[d0 + j] : 0.0f;
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t k = 0; k < K; ++k) w[k * D + d] = wp[d * K + k];
+    if (b.numel()) std::memcpy(bias.data(), b.data_ptr<float>(), sizeof(float) * D);
   }
 
   // pre = bias + sum_k w[k] x[t - (K - 1) + k] at one step (zero padding before t = 0).
   void pre(const Rows& x, int64_t b, int64_t t, float* out) const {
-    std::memcpy(out, bias, sizeof(float) * n);
+    std::memcpy(out, bias.data(), sizeof(float) * D);
     for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
-      const float* xr = x.row(b, t - (K - 1) + k) + d0;
+      const float* xr = x.row(b, t - (K - 1) + k);
+      const float* wk = w.data() + k * D;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) out[j] += w[k][j] * xr[j];
+      for (int64_t d = 0; d < D; ++d) out[d] += wk[d] * xr[d];
     }
   }
 };
@@ -474,80 +476,93 @@ void check_conv(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(w.size(1) <= kMaxConv, "conv1d_silu supports d_conv <= ", kMaxConv, ", got ", w.size(1));
 }
 
-int64_t conv_chunks(const torch::Tensor& w) { return (w.size(0) + kConvChunk - 1) / kConvChunk; }
+// Work items: (batch row, kConvRows steps).
+int64_t conv_items(int64_t L) { return (L + kConvRows - 1) / kConvRows; }
 
 }  // namespace
 
 // Causal depthwise conv1d + SiLU on (B, L, D) activations (the channel stride 1, other strides free), the layout
-// in_proj produces: out[b, t, d] = silu(bias[d] + sum_k w[d, k] x[b, t - (K - 1) + k, d]). The inner loops run
-// over contiguous channels; parallel over channel chunks (each owns its weight gradients).
+// in_proj produces: out[b, t, d] = silu(bias[d] + sum_k w[d, k] x[b, t - (K - 1) + k, d]). Parallel over blocks
+// of kConvRows steps.
 torch::Tensor conv1d_silu_fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
   check_conv(x, w);
-  const int64_t B = x.size(0), L = x.size(1);
-  auto out = torch::empty({B, L, x.size(2)}, x.options());
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), per_row = conv_items(L);
+  auto out = torch::empty({B, L, D}, x.options());
   const Rows xr = rows(x), o = rows(out);
-  at::parallel_for(0, conv_chunks(w), 1, [&](int64_t begin, int64_t end) {
-    float pre[kConvChunk];
-    for (int64_t c = begin; c < end; ++c) {
-      const ConvChunk ch(w, bias, c);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t t = 0; t < L; ++t) {
-          ch.pre(xr, b, t, pre);
-          float* orow = o.row(b, t) + ch.d0;
+  const ConvWeights cw(w, bias);
+  at::parallel_for(0, B * per_row, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> pre(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / per_row, t0 = (item % per_row) * kConvRows;
+      for (int64_t t = t0; t < std::min(L, t0 + kConvRows); ++t) {
+        cw.pre(xr, b, t, pre.data());
+        float* orow = o.row(b, t);
 #pragma omp simd
-          for (int64_t j = 0; j < ch.n; ++j) orow[j] = pre[j] * sigmoid(pre[j]);
-        }
+        for (int64_t d = 0; d < D; ++d) orow[d] = pre[d] * sigmoid(pre[d]);
+      }
     }
   });
   return out;
 }
 
-// Returns dx (B, L, D) contiguous, dw (D, K), dbias (D,) (empty when bias is).
+// Returns dx (B, L, D) contiguous, dw (D, K), dbias (D,) (empty when bias is). Each work item (kConvRows steps
+// of one batch row) computes dLoss/dpre for its steps and the K - 1 after them, so it writes its rows of dx
+// alone; dw and dbias are summed per thread (float within an item, double across items), then over threads.
 std::vector<torch::Tensor> conv1d_silu_bwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor dout) {
   check_conv(x, w);
   TORCH_CHECK(dout.scalar_type() == torch::kFloat32 && dout.stride(2) == 1, "conv1d_silu expects a float32 gradient "
               "with the channel stride 1");
-  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = w.size(1);
-  auto dx = torch::zeros({B, L, D}, x.options());
-  auto dw = torch::zeros({D, K}, x.options().dtype(torch::kFloat64));
-  auto db = torch::zeros({D}, x.options().dtype(torch::kFloat64));
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = w.size(1), per_row = conv_items(L);
+  auto dx = torch::empty({B, L, D}, x.options());
+  const int64_t threads = at::get_num_threads();
+  auto dw_parts = torch::zeros({threads, K, D}, x.options().dtype(torch::kFloat64));
+  auto db_parts = torch::zeros({threads, D}, x.options().dtype(torch::kFloat64));
   const Rows xr = rows(x), g = rows(dout), dxr = rows(dx);
-  at::parallel_for(0, conv_chunks(w), 1, [&](int64_t begin, int64_t end) {
-    float gp[kConvChunk];
-    for (int64_t c = begin; c < end; ++c) {
-      const ConvChunk ch(w, bias, c);
-      for (int64_t b = 0; b < B; ++b) {
-        float dwl[kMaxConv][kConvChunk] = {{0.0f}}, dbl[kConvChunk] = {0.0f};  // this row's sums, then to double
-        for (int64_t t = 0; t < L; ++t) {
-          ch.pre(xr, b, t, gp);
-          const float* grow = g.row(b, t) + ch.d0;
+  const ConvWeights cw(w, bias);
+  at::parallel_for(0, B * per_row, 1, [&](int64_t begin, int64_t end) {
+    double* dw_acc = dw_parts.data_ptr<double>() + at::get_thread_num() * K * D;
+    double* db_acc = db_parts.data_ptr<double>() + at::get_thread_num() * D;
+    std::vector<float> gp((kConvRows + K - 1) * D), dwl(K * D), dbl(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / per_row, t0 = (item % per_row) * kConvRows;
+      const int64_t t1 = std::min(L, t0 + kConvRows), t2 = std::min(L, t1 + K - 1);
+      std::fill(dwl.begin(), dwl.end(), 0.0f);
+      std::fill(dbl.begin(), dbl.end(), 0.0f);
+      for (int64_t t = t0; t < t2; ++t) {  // dLoss/dpre = dout * silu'(pre)
+        float* gt = gp.data() + (t - t0) * D;
+        cw.pre(xr, b, t, gt);
+        const float* grow = g.row(b, t);
 #pragma omp simd
-          for (int64_t j = 0; j < ch.n; ++j) {  // dLoss/dpre = dout * silu'(pre)
-            const float sg = sigmoid(gp[j]);
-            gp[j] = grow[j] * sg * (1.0f + gp[j] * (1.0f - sg));
-            dbl[j] += gp[j];
-          }
-          for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
-            const int64_t ts = t - (K - 1) + k;
-            const float* xrow = xr.row(b, ts) + ch.d0;
-            float* dxrow = dxr.row(b, ts) + ch.d0;
-#pragma omp simd
-            for (int64_t j = 0; j < ch.n; ++j) {
-              dxrow[j] += ch.w[k][j] * gp[j];
-              dwl[k][j] += gp[j] * xrow[j];
-            }
-          }
+        for (int64_t d = 0; d < D; ++d) {
+          const float sg = sigmoid(gt[d]);
+          gt[d] = grow[d] * sg * (1.0f + gt[d] * (1.0f - sg));
         }
-        double* dwp = dw.data_ptr<double>();
-        double* dbp = db.data_ptr<double>();
-        for (int64_t j = 0; j < ch.n; ++j) {
-          for (int64_t k = 0; k < K; ++k) dwp[(ch.d0 + j) * K + k] += dwl[k][j];
-          dbp[ch.d0 + j] += dbl[j];
+        if (t >= t1) continue;  // the steps after the item only feed its dx
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dbl[d] += gt[d];
+        for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
+          const float* xrow = xr.row(b, t - (K - 1) + k);
+          float* dwk = dwl.data() + k * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) dwk[d] += gt[d] * xrow[d];
         }
       }
+      for (int64_t t = t0; t < t1; ++t) {  // dx[t] = sum_k w[k] dpre[t + (K - 1) - k]
+        float* dxrow = dxr.row(b, t);
+        std::fill(dxrow, dxrow + D, 0.0f);
+        for (int64_t k = std::max<int64_t>(0, t + K - t2); k < K; ++k) {
+          const float* gs = gp.data() + (t + (K - 1) - k - t0) * D;
+          const float* wk = cw.w.data() + k * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) dxrow[d] += wk[d] * gs[d];
+        }
+      }
+      for (int64_t i = 0; i < K * D; ++i) dw_acc[i] += dwl[i];
+      for (int64_t d = 0; d < D; ++d) db_acc[d] += dbl[d];
     }
   });
-  return {dx, dw.to(torch::kFloat32), bias.numel() ? db.to(torch::kFloat32) : torch::empty({0}, x.options())};
+  auto dw = dw_parts.sum(0).t().contiguous().to(torch::kFloat32);  // (K, D) -> (D, K)
+  return {dx, dw, bias.numel() ? db_parts.sum(0).to(torch::kFloat32) : torch::empty({0}, x.options())};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
