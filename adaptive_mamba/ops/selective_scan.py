@@ -142,11 +142,12 @@ class _SelectiveScanCPU(torch.autograd.Function):
     flow through the initial state h0 and the returned last state."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, h0):  # type: ignore[override]
+    def forward(ctx, u, delta, A, B, C, D, z, h0, grad_enabled):  # type: ignore[override]
         ext = _cpu_extension.load()
         tensors = (u.float(), delta.float(), A.float().contiguous(), _step_major(B), _step_major(C),
                    _opt(D, u).contiguous(), _opt(z, u), _opt(h0, u).contiguous())
-        out, last, kept = ext.fwd(*tensors, any(ctx.needs_input_grad))
+        # needs_input_grad is True for a parameter even under no_grad: the caller's grad mode decides too
+        out, last, kept = ext.fwd(*tensors, grad_enabled and any(ctx.needs_input_grad))
         ctx.save_for_backward(*tensors, kept)
         ctx.meta = (B.dim(), C.dim(), B.dtype, C.dtype, u.dtype, delta.dtype, A.dtype, D is not None,
                     None if z is None else z.dtype, None if h0 is None else h0.dtype)
@@ -168,7 +169,8 @@ class _SelectiveScanCPU(torch.autograd.Function):
             return (g.squeeze(1) if ndim == 3 else g).to(dtype)
 
         return (du.to(udt), ddelta.to(ddt), dA.to(adt), back(dB, bdim, bdt), back(dC, cdim, cdt),
-                dD if has_d else None, None if zdt is None else dz.to(zdt), None if h0dt is None else dh0.to(h0dt))
+                dD if has_d else None, None if zdt is None else dz.to(zdt), None if h0dt is None else dh0.to(h0dt),
+                None)
 
 
 def _backward_workers(Bm: Tensor) -> int:
@@ -390,7 +392,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         return (out, last) if return_last_state else out
     if u.device.type == "cpu" and u.dtype != torch.float64 and _cpu_extension.available():
         delta = _prepare_delta(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
-        out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, initial_state)
+        out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, initial_state, torch.is_grad_enabled())
         return (out, last) if return_last_state else out
     return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                 initial_state=initial_state)
