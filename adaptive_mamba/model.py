@@ -310,9 +310,8 @@ def vocab_nll(lm_head: nn.Module, hidden: Tensor, targets: Tensor, chunk: int, p
         return F.cross_entropy(lm_head(h).float().flatten(0, 1), t.flatten(), ignore_index=-100,
                                reduction="none" if per_position else "sum")
 
-    pieces = []
-    for s in range(0, hidden.shape[1], chunk):
-        h, t = hidden[:, s:s + chunk], targets[:, s:s + chunk]
+    pieces = []   # split, not slices: the pieces' gradients are joined by one cat, not each zero-padded and summed
+    for h, t in zip(hidden.split(chunk, dim=1), targets.split(chunk, dim=1)):
         pieces.append(checkpoint(chunk_nll, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_nll(h, t))
     if per_position:
         return torch.cat([p.view(targets.shape[0], -1) for p in pieces], dim=1) if pieces else \

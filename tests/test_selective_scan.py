@@ -173,11 +173,13 @@ def test_denormal_states_are_flushed_not_slow():
     assert torch.count_nonzero(last) == 0
 
 
-def test_strided_inputs_from_the_model_layout_match_the_reference():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_strided_inputs_from_the_model_layout_match_the_reference(threads):
     """u, delta, z given as (b, d, L) views of (b, L, d) activations and B/C sliced from a (b, L, R + 2N) tensor
     (the model's layouts, no copies) give the reference outputs and gradients. d = 40 leaves a partial channel
-    block (blocks are 16 channels)."""
-    b, d, n, length = 2, 40, 16, 29
+    block (blocks are 16 channels); L = 150 spans three of the kept-state chunks (64 steps, the last partial);
+    with 2 threads the backward splits the blocks between two workers."""
+    b, d, n, length = 2, 40, 16, 150
     g = torch.Generator().manual_seed(1)
     u_bld = torch.randn(b, length, d, generator=g)
     delta_bld = 0.5 * torch.randn(b, length, d, generator=g)
@@ -197,21 +199,28 @@ def test_strided_inputs_from_the_model_layout_match_the_reference():
         return out, last, [t.grad for t in leaves]
 
     out_ref, last_ref, g_ref = run(selective_scan_ref, torch.float64)
-    out, last, grads = run(selective_scan, torch.float32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, last, grads = run(selective_scan, torch.float32)
+    finally:
+        torch.set_num_threads(previous)
     assert rel_err(out, out_ref) <= 1e-5 and rel_err(last, last_ref) <= 1e-5
     for name, got, want in zip(("u", "delta", "xz", "x_dbl", "A", "D", "delta_bias"), grads, g_ref):
         assert rel_err(got, want) <= 1e-5, name
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("d,k,bias", [(8, 4, True), (70, 4, True), (16, 3, False)])
-def test_fused_conv_silu_matches_the_module(d, k, bias):
+def test_fused_conv_silu_matches_the_module(d, k, bias, threads):
     """The fused causal depthwise conv + SiLU on (b, L, d) equals the nn.Conv1d module (padding k - 1, cut to L),
-    forward and gradients, including a partial channel chunk (d = 70) and no bias."""
+    forward and gradients, with and without bias. L = 150 spans three of the kernel's 64-step work items (each
+    item's gradient needs the k - 1 steps after it); with 2 threads the weight gradients are summed over threads."""
     from adaptive_mamba.ops import causal_conv1d_silu
 
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(d, d, k, groups=d, padding=k - 1, bias=bias).double()
-    xz = torch.randn(2, 33, 2 * d, dtype=torch.float64)
+    xz = torch.randn(2, 150, 2 * d, dtype=torch.float64)
 
     def run(fn, dtype):
         c = conv.to(dtype)
@@ -224,7 +233,12 @@ def test_fused_conv_silu_matches_the_module(d, k, bias):
 
     module = lambda x, c: torch.nn.functional.silu(c(x.transpose(1, 2))[..., :x.shape[1]]).transpose(1, 2)
     want, g_want = run(module, torch.float64)
-    got, g_got = run(causal_conv1d_silu, torch.float32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, g_got = run(causal_conv1d_silu, torch.float32)
+    finally:
+        torch.set_num_threads(previous)
     assert rel_err(got, want) <= 1e-5
     for a, b in zip(g_got, g_want):
         assert rel_err(a, b) <= 1e-5

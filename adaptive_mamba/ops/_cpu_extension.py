@@ -5,7 +5,9 @@ a warning says why, and callers fall back to the pure-torch scan.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import platform
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -24,9 +26,32 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping
 _LDFLAGS = ["-fopenmp"]
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _reuse_freed_memory() -> None:
+    """Let glibc's malloc serve large blocks from its heap and keep freed ones for reuse (process-wide).
+
+    By default a block over 32 MiB (an activation of a 8192-token step: (2, 8192, 1024) float32 is 64 MiB) is
+    mmap'ed and unmapped when freed, so every such tensor of every step page-faults and zeroes its memory again:
+    0.5-1.1 s of system time per step at 8192 tokens on one thread, none at 2048 (smaller blocks are reused).
+    The peak footprint is unchanged; the process keeps its peak memory mapped instead of returning it to the OS.
+    No-op outside glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+
+
 @functools.lru_cache(maxsize=None)
 def _build() -> ModuleType | None:
+    """The kernel module, or None when it cannot be built. Loading it also tunes malloc for the long-sequence
+    tensors the CPU path allocates every step (`_reuse_freed_memory`)."""
     from torch.utils import cpp_extension
+
+    _reuse_freed_memory()
 
     capability = torch.backends.cpu.get_cpu_capability().lower()
     try:

@@ -137,16 +137,18 @@ def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 class _SelectiveScanCPU(torch.autograd.Function):
     """Autograd wrapper of the C++ kernel (delta already biased/softplus'ed; the z gate fused). It takes u, delta
-    and z in any strides (no copies for the model's (b, L, d) activations), saves only the inputs, and the
-    backward recomputes the states. Gradients flow through the initial state h0 and the returned last state."""
+    and z in any strides (no copies for the model's (b, L, d) activations), saves the inputs and, when a backward
+    will follow, the state entering every 64 steps; the backward recomputes the states in between. Gradients
+    flow through the initial state h0 and the returned last state."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, h0):  # type: ignore[override]
+    def forward(ctx, u, delta, A, B, C, D, z, h0, grad_enabled):  # type: ignore[override]
         ext = _cpu_extension.load()
         tensors = (u.float(), delta.float(), A.float().contiguous(), _step_major(B), _step_major(C),
                    _opt(D, u).contiguous(), _opt(z, u), _opt(h0, u).contiguous())
-        out, last = ext.fwd(*tensors)
-        ctx.save_for_backward(*tensors)
+        # needs_input_grad is True for a parameter even under no_grad: the caller's grad mode decides too
+        out, last, kept = ext.fwd(*tensors, grad_enabled and any(ctx.needs_input_grad))
+        ctx.save_for_backward(*tensors, kept)
         ctx.meta = (B.dim(), C.dim(), B.dtype, C.dtype, u.dtype, delta.dtype, A.dtype, D is not None,
                     None if z is None else z.dtype, None if h0 is None else h0.dtype)
         ctx.set_materialize_grads(False)       # an unused output (often one of the two) costs no zero tensor
@@ -155,19 +157,20 @@ class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast):  # type: ignore[override]
         bdim, cdim, bdt, cdt, udt, ddt, adt, has_d, zdt, h0dt = ctx.meta
-        tensors = ctx.saved_tensors
+        *tensors, kept = ctx.saved_tensors
         u = tensors[0]
         dout = u.new_zeros(()).expand(u.shape) if dout is None else dout.float()
         dlast = u.new_empty(0) if dlast is None else dlast.float().contiguous()
         workers = _backward_workers(tensors[3])
-        du, ddelta, dA, dB, dC, dD, dz, dh0 = _cpu_extension.load().bwd(*tensors, dout, dlast, workers)
+        du, ddelta, dA, dB, dC, dD, dz, dh0 = _cpu_extension.load().bwd(*tensors, kept, dout, dlast, workers)
 
         def back(g: Tensor, ndim: int, dtype: torch.dtype) -> Tensor:
             g = g.transpose(-1, -2)                                   # (b, G, L, N) -> (b, G, N, L)
             return (g.squeeze(1) if ndim == 3 else g).to(dtype)
 
         return (du.to(udt), ddelta.to(ddt), dA.to(adt), back(dB, bdim, bdt), back(dC, cdim, cdt),
-                dD if has_d else None, None if zdt is None else dz.to(zdt), None if h0dt is None else dh0.to(h0dt))
+                dD if has_d else None, None if zdt is None else dz.to(zdt), None if h0dt is None else dh0.to(h0dt),
+                None)
 
 
 def _backward_workers(Bm: Tensor) -> int:
@@ -389,7 +392,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         return (out, last) if return_last_state else out
     if u.device.type == "cpu" and u.dtype != torch.float64 and _cpu_extension.available():
         delta = _prepare_delta(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
-        out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, initial_state)
+        out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, initial_state, torch.is_grad_enabled())
         return (out, last) if return_last_state else out
     return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                 initial_state=initial_state)
@@ -402,11 +405,10 @@ def selective_state_update(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B
     On the CPU it runs the C++ kernel for one step (which flushes denormal states that would make torch's
     elementwise ops ~100x slower once the state has decayed)."""
     if state.device.type == "cpu" and _cpu_extension.available():
-        y, new_state = _cpu_extension.load().fwd(u.float()[..., None], delta.float()[..., None], A.float().contiguous(),
-                                                 B.float()[:, None, :, None], C.float()[:, None, :, None],
-                                                 _opt(D, u).contiguous(),
-                                                 _opt(None if z is None else z[..., None], u),
-                                                 state.float().contiguous())
+        y, new_state, _ = _cpu_extension.load().fwd(
+            u.float()[..., None], delta.float()[..., None], A.float().contiguous(), B.float()[:, None, :, None],
+            C.float()[:, None, :, None], _opt(D, u).contiguous(), _opt(None if z is None else z[..., None], u),
+            state.float().contiguous(), False)
         return y[..., 0].to(u.dtype), new_state
     dt = delta.float()
     state = torch.exp(dt[..., None] * A.float()) * state + (dt * u.float())[..., None] * B.float()[:, None, :]

@@ -13,8 +13,9 @@
 // Work unit: one batch row and a block of up to kK = 16 channels of one B/C group. At each step the kK channels
 // are updated together: the inner loops run over the block's channels (one AVX-512 register), with B_t / C_t
 // values broadcast, so no horizontal reduction is needed in the forward. exp dominates the cost, hence the
-// polynomial exp. The backward recomputes the states instead of storing (B, D, L, N) in the forward: once to
-// keep a state every kChunk steps, then chunk by chunk from the end, so its working set stays in cache.
+// polynomial exp. The states are not stored ((B, D, L, N) would not fit in memory at long L): the forward keeps
+// the state at the start of every kChunk steps when a backward will follow (1/kChunk of them), and the backward
+// recomputes one chunk at a time from the end, so its working set stays in cache.
 // The backward also takes the gradient of the last state (dlast, empty when none) and returns the gradient of
 // the initial state, so a sequence split into pieces gets exact gradients through the states it carries.
 #include <torch/extension.h>
@@ -186,11 +187,22 @@ inline void silu(const float* z, float* out) {
   for (int k = 0; k < kK; ++k) out[k] = z[k] * sigmoid(z[k]);
 }
 
-void forward_block(const Scan& s, const Block& blk, const Strided& out, float* last) {
+constexpr int64_t kChunk = 64;  // steps between kept states; the backward holds one chunk's states (L2-resident)
+
+int64_t chunks(int64_t len) { return (len + kChunk - 1) / kChunk; }
+
+// Kept states: (B, blocks, chunks, N, kK), the state entering each chunk, lanes as in the block.
+float* kept_state(float* ckpt, const Scan& s, int64_t b, int64_t i, int64_t chunk) {
+  return ckpt + ((b * s.blocks() + i) * chunks(s.len) + chunk) * s.nstate * kK;
+}
+
+// ckpt: where to keep the state entering every chunk, or nullptr (no backward will follow).
+void forward_block(const Scan& s, const Block& blk, int64_t i, const Strided& out, float* last, float* ckpt) {
   const int64_t N = s.nstate;
   float h[kMaxN][kK], dt[kK], uu[kK], y[kK], gate[kK];
   std::memcpy(h, blk.h0, sizeof(float) * kK * N);
   for (int64_t t = 0; t < s.len; ++t) {
+    if (ckpt && t % kChunk == 0) std::memcpy(kept_state(ckpt, s, blk.b, i, t / kChunk), h, sizeof(float) * kK * N);
     gather(s.delta, blk, t, dt);
     gather(s.u, blk, t, uu);
     step_states(blk, N, dt, uu, s.Bm.step(blk.b, blk.g, t), s.Cm.step(blk.b, blk.g, t), h, y, nullptr, nullptr);
@@ -216,143 +228,168 @@ struct Grads {
   float* dh0;          // (B, D, N) gradient of the initial state (each block writes its own rows)
 };
 
-constexpr int64_t kChunk = 64;  // steps whose states the backward holds at once (stays in L1/L2)
-
-// Per-thread buffers of the backward: a state every kChunk steps, then one chunk's states and decays.
+// Per-thread buffers of the backward: one chunk's states, decays and outputs <h_t, C_t> (recomputed per block),
+// and the chunk's dB / dC contributions per lane, summed over the blocks of the range before the one horizontal
+// sum per (t, n) (instead of one per block: that reduction was the costliest part of the backward's inner loop).
 struct Scratch {
-  std::vector<float> checkpoints, hs, decays;
-  Scratch(int64_t len, int64_t nstate)
-      : checkpoints(((len + kChunk - 1) / kChunk) * nstate * kK), hs((kChunk + 1) * nstate * kK),
-        decays(kChunk * nstate * kK) {}
+  std::vector<float> hs, decays, ys, dB_lanes, dC_lanes;
+  explicit Scratch(int64_t nstate)
+      : hs((kChunk + 1) * nstate * kK), decays(kChunk * nstate * kK), ys(kChunk * kK),
+        dB_lanes(kChunk * nstate * kK), dC_lanes(kChunk * nstate * kK) {}
 };
 
-void backward_block(const Scan& s, const Block& blk, const Strided& dout, Scratch& sc, const Grads& gr) {
-  const int64_t N = s.nstate, L = s.len, b = blk.b;
-  const int64_t step = N * kK;
-  const int64_t rows = (b * s.dim + blk.d0) * N;  // this block's first (channel, n) entry of a (B, D, N) state
-  // gs = dLoss/dh_t, walked back from the last step: it starts as the last state's gradient
-  float gs[kMaxN][kK];
-  for (int64_t n = 0; n < N; ++n)
-    for (int k = 0; k < kK; ++k) gs[n][k] = (k < blk.nk && gr.dlast) ? gr.dlast[rows + k * N + n] : 0.0f;
-  auto write_dh0 = [&]() {
-    for (int64_t k = 0; k < blk.nk; ++k)
-      for (int64_t n = 0; n < N; ++n) gr.dh0[rows + k * N + n] = gs[n][k];
-  };
-  if (L == 0) return write_dh0();
-  float h[kMaxN][kK], dt[kK], uu[kK], y[kK], g[kK], zz[kK];
-  // 1. Run the recurrence once, keeping the state at the start of every chunk; the gate's gradient needs y_t.
-  std::memcpy(h, blk.h0, sizeof(float) * step);
-  for (int64_t t = 0; t < L; ++t) {
-    if (t % kChunk == 0) std::memcpy(sc.checkpoints.data() + (t / kChunk) * step, h, sizeof(float) * step);
-    gather(s.delta, blk, t, dt);
-    gather(s.u, blk, t, uu);
-    step_states(blk, N, dt, uu, s.Bm.step(b, blk.g, t), s.Cm.step(b, blk.g, t), h, y, nullptr, nullptr);
-    if (s.z.p) {
-      gather(s.z, blk, t, zz);
-      gather(dout, blk, t, g);
-#pragma omp simd
-      for (int k = 0; k < kK; ++k) {
-        const float sg = sigmoid(zz[k]);
-        g[k] *= (y[k] + blk.skip[k] * uu[k]) * sg * (1.0f + zz[k] * (1.0f - sg));
-      }
-      scatter(gr.dz, blk, t, g);
-    }
+// Backward of the blocks [i0, i1) of batch row b, all of one B/C group, chunk by chunk from the last: each block
+// recomputes the chunk's states from the kept one, then walks back carrying gs = dLoss/dh_t.
+void backward_range(const Scan& s, int64_t b, int64_t i0, int64_t i1, float* ckpt, const Strided& dout,
+                    Scratch& sc, const Grads& gr) {
+  const int64_t N = s.nstate, L = s.len, step = N * kK, nb = i1 - i0;
+  std::vector<Block> blks;
+  blks.reserve(nb);
+  for (int64_t i = i0; i < i1; ++i) blks.emplace_back(s, b, i);
+  // per block: gs, dA (float within a row, summed into double at the end), dD (double)
+  std::vector<float> gs_all(nb * step), dA_all(nb * step, 0.0f);
+  std::vector<double> dD_all(nb * kK, 0.0);
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t rows = (b * s.dim + blks[j].d0) * N;
+    for (int64_t n = 0; n < N; ++n)
+      for (int k = 0; k < kK; ++k)
+        gs_all[j * step + n * kK + k] = (k < blks[j].nk && gr.dlast) ? gr.dlast[rows + k * N + n] : 0.0f;
   }
-
-  // 2. Chunks from the last: recompute the chunk's states and decays, then walk back carrying gs = dLoss/dh_t.
-  float dA_acc[kMaxN][kK], dy[kK], du[kK], ddt[kK];
-  std::memset(dA_acc, 0, sizeof(float) * step);
-  double dD_acc[kK] = {0.0};
-  const int64_t bg = (b * s.groups + blk.g) * L * N;
-  for (int64_t t0 = ((L - 1) / kChunk) * kChunk; t0 >= 0; t0 -= kChunk) {
+  const int64_t g = blks[0].g, bg = (b * s.groups + g) * L * N;
+  float h[kMaxN][kK], dt[kK], uu[kK], zz[kK], dy[kK], du[kK], ddt[kK];
+  for (int64_t t0 = ((L - 1) / kChunk) * kChunk; L > 0 && t0 >= 0; t0 -= kChunk) {
     const int64_t t1 = std::min(L, t0 + kChunk);
-    std::memcpy(h, sc.checkpoints.data() + (t0 / kChunk) * step, sizeof(float) * step);
-    std::memcpy(sc.hs.data(), h, sizeof(float) * step);
-    for (int64_t t = t0; t < t1; ++t) {
-      gather(s.delta, blk, t, dt);
-      gather(s.u, blk, t, uu);
-      step_states(blk, N, dt, uu, s.Bm.step(b, blk.g, t), s.Cm.step(b, blk.g, t), h, y,
-                  sc.hs.data() + (t - t0 + 1) * step, sc.decays.data() + (t - t0) * step);
-    }
-    for (int64_t t = t1 - 1; t >= t0; --t) {
-      gather(s.delta, blk, t, dt);
-      gather(s.u, blk, t, uu);
-      gather(dout, blk, t, dy);
-      if (s.z.p) {
-        gather(s.z, blk, t, zz);
-        silu(zz, zz);
+    std::fill(sc.dB_lanes.begin(), sc.dB_lanes.end(), 0.0f);
+    std::fill(sc.dC_lanes.begin(), sc.dC_lanes.end(), 0.0f);
+    for (int64_t j = 0; j < nb; ++j) {
+      const Block& blk = blks[j];
+      float(*gs)[kK] = reinterpret_cast<float(*)[kK]>(gs_all.data() + j * step);
+      float(*dA_acc)[kK] = reinterpret_cast<float(*)[kK]>(dA_all.data() + j * step);
+      double* dD_acc = dD_all.data() + j * kK;
+      std::memcpy(h, kept_state(ckpt, s, b, i0 + j, t0 / kChunk), sizeof(float) * step);
+      std::memcpy(sc.hs.data(), h, sizeof(float) * step);
+      for (int64_t t = t0; t < t1; ++t) {
+        gather(s.delta, blk, t, dt);
+        gather(s.u, blk, t, uu);
+        step_states(blk, N, dt, uu, s.Bm.step(b, g, t), s.Cm.step(b, g, t), h, sc.ys.data() + (t - t0) * kK,
+                    sc.hs.data() + (t - t0 + 1) * step, sc.decays.data() + (t - t0) * step);
+      }
+      for (int64_t t = t1 - 1; t >= t0; --t) {
+        gather(s.delta, blk, t, dt);
+        gather(s.u, blk, t, uu);
+        gather(dout, blk, t, dy);
+        if (s.z.p) {  // out = y silu(z): dz needs y_t = <h_t, C_t> + skip u_t, dy the gate
+          const float* y = sc.ys.data() + (t - t0) * kK;
+          gather(s.z, blk, t, zz);
 #pragma omp simd
-        for (int k = 0; k < kK; ++k) dy[k] *= zz[k];
+          for (int k = 0; k < kK; ++k) {
+            const float sg = sigmoid(zz[k]);
+            const float gate = zz[k] * sg;
+            zz[k] = dy[k] * (y[k] + blk.skip[k] * uu[k]) * sg * (1.0f + zz[k] * (1.0f - sg));
+            dy[k] *= gate;
+          }
+          scatter(gr.dz, blk, t, zz);
+        }
+        for (int k = 0; k < kK; ++k) {
+          du[k] = dy[k] * blk.skip[k];
+          ddt[k] = 0.0f;
+          dD_acc[k] += static_cast<double>(dy[k]) * uu[k];
+        }
+        const float* ht = sc.hs.data() + (t - t0 + 1) * step;
+        const float* hprev = sc.hs.data() + (t - t0) * step;
+        const float* dec = sc.decays.data() + (t - t0) * step;
+        const float* Bt = s.Bm.step(b, g, t);
+        const float* Ct = s.Cm.step(b, g, t);
+        float* dBl = sc.dB_lanes.data() + (t - t0) * step;
+        float* dCl = sc.dC_lanes.data() + (t - t0) * step;
+        for (int64_t n = 0; n < N; ++n) {
+          const float bn = Bt[n], cn = Ct[n];
+          const float* hn = ht + n * kK;
+          const float* hp = hprev + n * kK;
+          const float* en = dec + n * kK;
+          float* dBn = dBl + n * kK;
+          float* dCn = dCl + n * kK;
+#pragma omp simd
+          for (int k = 0; k < kK; ++k) {
+            const float a = blk.A[n][k];
+            const float gn = gs[n][k] + dy[k] * cn;
+            const float dd = gn * hp[k] * en[k];  // dLoss/d(dt * A) through the decay
+            ddt[k] += dd * a + gn * bn * uu[k];
+            dA_acc[n][k] += dd * dt[k];
+            dBn[k] += gn * dt[k] * uu[k];
+            dCn[k] += dy[k] * hn[k];
+            du[k] += gn * dt[k] * bn;
+            gs[n][k] = gn * en[k];
+          }
+        }
+        scatter(gr.ddelta, blk, t, ddt);
+        scatter(gr.du, blk, t, du);
       }
-      for (int k = 0; k < kK; ++k) {
-        du[k] = dy[k] * blk.skip[k];
-        ddt[k] = 0.0f;
-        dD_acc[k] += static_cast<double>(dy[k]) * uu[k];
-      }
-      const float* ht = sc.hs.data() + (t - t0 + 1) * step;
-      const float* hprev = sc.hs.data() + (t - t0) * step;
-      const float* dec = sc.decays.data() + (t - t0) * step;
-      const float* Bt = s.Bm.step(b, blk.g, t);
-      const float* Ct = s.Cm.step(b, blk.g, t);
-      float* dBt = gr.dB + bg + t * N;
-      float* dCt = gr.dC + bg + t * N;
+    }
+    for (int64_t t = t0; t < t1; ++t)  // the chunk's dB_t / dC_t: lanes summed once for all blocks of the range
       for (int64_t n = 0; n < N; ++n) {
-        const float bn = Bt[n], cn = Ct[n];
-        const float* hn = ht + n * kK;
-        const float* hp = hprev + n * kK;
-        const float* en = dec + n * kK;
+        const float* bl = sc.dB_lanes.data() + (t - t0) * step + n * kK;
+        const float* cl = sc.dC_lanes.data() + (t - t0) * step + n * kK;
         float sB = 0.0f, sC = 0.0f;
 #pragma omp simd reduction(+ : sB, sC)
         for (int k = 0; k < kK; ++k) {
-          const float a = blk.A[n][k];
-          const float gn = gs[n][k] + dy[k] * cn;
-          const float dd = gn * hp[k] * en[k];  // dLoss/d(dt * A) through the decay
-          ddt[k] += dd * a + gn * bn * uu[k];
-          dA_acc[n][k] += dd * dt[k];
-          sB += gn * dt[k] * uu[k];
-          sC += dy[k] * hn[k];
-          du[k] += gn * dt[k] * bn;
-          gs[n][k] = gn * en[k];
+          sB += bl[k];
+          sC += cl[k];
         }
-        dBt[n] += sB;
-        dCt[n] += sC;
+        gr.dB[bg + t * N + n] += sB;
+        gr.dC[bg + t * N + n] += sC;
       }
-      scatter(gr.ddelta, blk, t, ddt);
-      scatter(gr.du, blk, t, du);
+  }
+  for (int64_t j = 0; j < nb; ++j) {
+    const Block& blk = blks[j];
+    const int64_t rows = (b * s.dim + blk.d0) * N;
+    for (int64_t k = 0; k < blk.nk; ++k) {
+      for (int64_t n = 0; n < N; ++n) {
+        gr.dA[(blk.d0 + k) * N + n] += dA_all[j * step + n * kK + k];
+        gr.dh0[rows + k * N + n] = gs_all[j * step + n * kK + k];
+      }
+      gr.dD[blk.d0 + k] += dD_all[j * kK + k];
     }
   }
-  for (int64_t k = 0; k < blk.nk; ++k) {
-    for (int64_t n = 0; n < N; ++n) gr.dA[(blk.d0 + k) * N + n] += dA_acc[n][k];
-    gr.dD[blk.d0 + k] += dD_acc[k];
-  }
-  write_dh0();
 }
 
 }  // namespace
 
-// Returns out (strides of u) and the last state (B, D, N).
+// Returns out (strides of u), the last state (B, D, N) and, with keep_states (a backward will follow), the state
+// entering every kChunk steps for selective_scan_bwd (empty otherwise).
 std::vector<torch::Tensor> selective_scan_fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
-                                              torch::Tensor Cm, torch::Tensor Dskip, torch::Tensor z, torch::Tensor h0) {
+                                              torch::Tensor Cm, torch::Tensor Dskip, torch::Tensor z, torch::Tensor h0,
+                                              bool keep_states) {
   const Scan s = make_scan(u, delta, A, Bm, Cm, Dskip, z, h0);
   auto out = torch::empty_like(u);
   auto last = torch::empty({s.batch, s.dim, s.nstate}, u.options());
+  auto kept = keep_states ? torch::empty({s.batch, s.blocks(), chunks(s.len), s.nstate, kK}, u.options())
+                          : torch::empty({0}, u.options());
   const Strided o = strided(out);
   float* l = last.data_ptr<float>();
+  float* ckpt = keep_states ? kept.data_ptr<float>() : nullptr;
   at::parallel_for(0, s.batch * s.blocks(), 1, [&](int64_t begin, int64_t end) {
     FlushDenormals ftz;
-    for (int64_t i = begin; i < end; ++i) forward_block(s, Block(s, i / s.blocks(), i % s.blocks()), o, l);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / s.blocks(), blk = i % s.blocks();
+      forward_block(s, Block(s, b, blk), blk, o, l, ckpt);
+    }
   });
-  return {out, last};
+  return {out, last, kept};
 }
 
 // Returns du, ddelta, dA, dB, dC, dD, dz, dh0 (float32; dB/dC as (B, G, L, N); dD / dz empty when absent; dh0
 // (B, D, N) always, the initial state's gradient). dlast: (B, D, N) contiguous, or empty.
+// kept: the states selective_scan_fwd kept for these inputs.
 // `workers` splits the channel blocks into that many contiguous ranges; each range owns a private (B, G, L, N)
 // accumulator for dB and dC (channels of one group share B and C), summed at the end.
 std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                               torch::Tensor Cm, torch::Tensor Dskip, torch::Tensor z, torch::Tensor h0,
-                                              torch::Tensor dout, torch::Tensor dlast, int64_t workers) {
+                                              torch::Tensor kept, torch::Tensor dout, torch::Tensor dlast,
+                                              int64_t workers) {
   const Scan s = make_scan(u, delta, A, Bm, Cm, Dskip, z, h0);
+  TORCH_CHECK(kept.is_contiguous() && kept.numel() == s.batch * s.blocks() * chunks(s.len) * s.nstate * kK,
+              "selective_scan_cpu backward expects the states kept by the forward (fwd with keep_states=True)");
   TORCH_CHECK(dout.scalar_type() == torch::kFloat32, "selective_scan_cpu expects a float32 gradient");
   TORCH_CHECK(!dlast.numel() || (dlast.is_contiguous() && dlast.numel() == s.batch * s.dim * s.nstate),
               "selective_scan_cpu expects the last state's gradient as a contiguous (B, D, N) tensor");
@@ -370,16 +407,21 @@ std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor del
   const float* dl = dlast.numel() ? dlast.data_ptr<float>() : nullptr;
   const Strided go = strided(dout);
   const int64_t part = s.batch * s.groups * s.len * s.nstate;
+  float* ckpt = kept.data_ptr<float>();
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     FlushDenormals ftz;
-    Scratch scratch(s.len, s.nstate);
+    Scratch scratch(s.nstate);
     for (int64_t w = begin; w < end; ++w) {
       const Grads gr{strided(du), strided(ddelta), strided(dz), dB_parts.data_ptr<float>() + w * part,
                      dC_parts.data_ptr<float>() + w * part, dA.data_ptr<double>(), dD.data_ptr<double>(), dl,
                      dh0.data_ptr<float>()};
       const int64_t i0 = w * s.blocks() / workers, i1 = (w + 1) * s.blocks() / workers;
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t b = 0; b < s.batch; ++b) backward_block(s, Block(s, b, i), go, scratch, gr);
+      for (int64_t b = 0; b < s.batch; ++b)
+        for (int64_t i = i0; i < i1;) {  // the range's blocks of one B/C group at a time
+          const int64_t group_end = std::min(i1, (i / s.blocks_per_group + 1) * s.blocks_per_group);
+          backward_range(s, b, i, group_end, ckpt, go, scratch, gr);
+          i = group_end;
+        }
     }
   });
   return {du, ddelta, dA.to(torch::kFloat32), dB_parts.sum(0), dC_parts.sum(0),
@@ -389,8 +431,8 @@ std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor del
 // ------------------------------------------------------------------------------------------------------------
 namespace {
 
-constexpr int64_t kConvChunk = 64;  // channels per parallel work item
-constexpr int64_t kMaxConv = 16;    // longest filter
+constexpr int64_t kConvRows = 64;  // time steps per parallel work item
+constexpr int64_t kMaxConv = 16;   // longest filter
 
 struct Rows {  // (B, L, D) with the channel stride 1
   float* p;
@@ -400,26 +442,28 @@ struct Rows {  // (B, L, D) with the channel stride 1
 
 Rows rows(const torch::Tensor& t) { return Rows{t.data_ptr<float>(), t.stride(0), t.stride(1)}; }
 
-// One chunk of channels [d0, d1): its filter taps transposed to (K, chunk) so the inner loops are contiguous.
-struct ConvChunk {
-  int64_t d0, n, K;
-  float w[kMaxConv][kConvChunk], bias[kConvChunk];
+// The filter taps transposed to (K, D), so that every loop runs over whole rows of contiguous channels: the
+// activations are rows of 2-4 KiB (x is a slice of in_proj's output), read front to back, each page once.
+struct ConvWeights {
+  int64_t D, K;
+  std::vector<float> w, bias;
 
-  ConvChunk(const torch::Tensor& weight, const torch::Tensor& b, int64_t c) : d0(c * kConvChunk), K(weight.size(1)) {
-    n = std::min(kConvChunk, weight.size(0) - d0);
+  ConvWeights(const torch::Tensor& weight, const torch::Tensor& b) : D(weight.size(0)), K(weight.size(1)),
+      w(K * D), bias(D, 0.0f) {
     const float* wp = weight.data_ptr<float>();
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < n; ++j) w[k][j] = wp[(d0 + j) * K + k];
-    for (int64_t j = 0; j < n; ++j) bias[j] = b.numel() ? b.data_ptr<float>()[d0 + j] : 0.0f;
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t k = 0; k < K; ++k) w[k * D + d] = wp[d * K + k];
+    if (b.numel()) std::memcpy(bias.data(), b.data_ptr<float>(), sizeof(float) * D);
   }
 
   // pre = bias + sum_k w[k] x[t - (K - 1) + k] at one step (zero padding before t = 0).
   void pre(const Rows& x, int64_t b, int64_t t, float* out) const {
-    std::memcpy(out, bias, sizeof(float) * n);
+    std::memcpy(out, bias.data(), sizeof(float) * D);
     for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
-      const float* xr = x.row(b, t - (K - 1) + k) + d0;
+      const float* xr = x.row(b, t - (K - 1) + k);
+      const float* wk = w.data() + k * D;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) out[j] += w[k][j] * xr[j];
+      for (int64_t d = 0; d < D; ++d) out[d] += wk[d] * xr[d];
     }
   }
 };
@@ -432,80 +476,93 @@ void check_conv(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(w.size(1) <= kMaxConv, "conv1d_silu supports d_conv <= ", kMaxConv, ", got ", w.size(1));
 }
 
-int64_t conv_chunks(const torch::Tensor& w) { return (w.size(0) + kConvChunk - 1) / kConvChunk; }
+// Work items: (batch row, kConvRows steps).
+int64_t conv_items(int64_t L) { return (L + kConvRows - 1) / kConvRows; }
 
 }  // namespace
 
 // Causal depthwise conv1d + SiLU on (B, L, D) activations (the channel stride 1, other strides free), the layout
-// in_proj produces: out[b, t, d] = silu(bias[d] + sum_k w[d, k] x[b, t - (K - 1) + k, d]). The inner loops run
-// over contiguous channels; parallel over channel chunks (each owns its weight gradients).
+// in_proj produces: out[b, t, d] = silu(bias[d] + sum_k w[d, k] x[b, t - (K - 1) + k, d]). Parallel over blocks
+// of kConvRows steps.
 torch::Tensor conv1d_silu_fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
   check_conv(x, w);
-  const int64_t B = x.size(0), L = x.size(1);
-  auto out = torch::empty({B, L, x.size(2)}, x.options());
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), per_row = conv_items(L);
+  auto out = torch::empty({B, L, D}, x.options());
   const Rows xr = rows(x), o = rows(out);
-  at::parallel_for(0, conv_chunks(w), 1, [&](int64_t begin, int64_t end) {
-    float pre[kConvChunk];
-    for (int64_t c = begin; c < end; ++c) {
-      const ConvChunk ch(w, bias, c);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t t = 0; t < L; ++t) {
-          ch.pre(xr, b, t, pre);
-          float* orow = o.row(b, t) + ch.d0;
+  const ConvWeights cw(w, bias);
+  at::parallel_for(0, B * per_row, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> pre(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / per_row, t0 = (item % per_row) * kConvRows;
+      for (int64_t t = t0; t < std::min(L, t0 + kConvRows); ++t) {
+        cw.pre(xr, b, t, pre.data());
+        float* orow = o.row(b, t);
 #pragma omp simd
-          for (int64_t j = 0; j < ch.n; ++j) orow[j] = pre[j] * sigmoid(pre[j]);
-        }
+        for (int64_t d = 0; d < D; ++d) orow[d] = pre[d] * sigmoid(pre[d]);
+      }
     }
   });
   return out;
 }
 
-// Returns dx (B, L, D) contiguous, dw (D, K), dbias (D,) (empty when bias is).
+// Returns dx (B, L, D) contiguous, dw (D, K), dbias (D,) (empty when bias is). Each work item (kConvRows steps
+// of one batch row) computes dLoss/dpre for its steps and the K - 1 after them, so it writes its rows of dx
+// alone; dw and dbias are summed per thread (float within an item, double across items), then over threads.
 std::vector<torch::Tensor> conv1d_silu_bwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor dout) {
   check_conv(x, w);
   TORCH_CHECK(dout.scalar_type() == torch::kFloat32 && dout.stride(2) == 1, "conv1d_silu expects a float32 gradient "
               "with the channel stride 1");
-  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = w.size(1);
-  auto dx = torch::zeros({B, L, D}, x.options());
-  auto dw = torch::zeros({D, K}, x.options().dtype(torch::kFloat64));
-  auto db = torch::zeros({D}, x.options().dtype(torch::kFloat64));
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = w.size(1), per_row = conv_items(L);
+  auto dx = torch::empty({B, L, D}, x.options());
+  const int64_t threads = at::get_num_threads();
+  auto dw_parts = torch::zeros({threads, K, D}, x.options().dtype(torch::kFloat64));
+  auto db_parts = torch::zeros({threads, D}, x.options().dtype(torch::kFloat64));
   const Rows xr = rows(x), g = rows(dout), dxr = rows(dx);
-  at::parallel_for(0, conv_chunks(w), 1, [&](int64_t begin, int64_t end) {
-    float gp[kConvChunk];
-    for (int64_t c = begin; c < end; ++c) {
-      const ConvChunk ch(w, bias, c);
-      for (int64_t b = 0; b < B; ++b) {
-        float dwl[kMaxConv][kConvChunk] = {{0.0f}}, dbl[kConvChunk] = {0.0f};  // this row's sums, then to double
-        for (int64_t t = 0; t < L; ++t) {
-          ch.pre(xr, b, t, gp);
-          const float* grow = g.row(b, t) + ch.d0;
+  const ConvWeights cw(w, bias);
+  at::parallel_for(0, B * per_row, 1, [&](int64_t begin, int64_t end) {
+    double* dw_acc = dw_parts.data_ptr<double>() + at::get_thread_num() * K * D;
+    double* db_acc = db_parts.data_ptr<double>() + at::get_thread_num() * D;
+    std::vector<float> gp((kConvRows + K - 1) * D), dwl(K * D), dbl(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / per_row, t0 = (item % per_row) * kConvRows;
+      const int64_t t1 = std::min(L, t0 + kConvRows), t2 = std::min(L, t1 + K - 1);
+      std::fill(dwl.begin(), dwl.end(), 0.0f);
+      std::fill(dbl.begin(), dbl.end(), 0.0f);
+      for (int64_t t = t0; t < t2; ++t) {  // dLoss/dpre = dout * silu'(pre)
+        float* gt = gp.data() + (t - t0) * D;
+        cw.pre(xr, b, t, gt);
+        const float* grow = g.row(b, t);
 #pragma omp simd
-          for (int64_t j = 0; j < ch.n; ++j) {  // dLoss/dpre = dout * silu'(pre)
-            const float sg = sigmoid(gp[j]);
-            gp[j] = grow[j] * sg * (1.0f + gp[j] * (1.0f - sg));
-            dbl[j] += gp[j];
-          }
-          for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
-            const int64_t ts = t - (K - 1) + k;
-            const float* xrow = xr.row(b, ts) + ch.d0;
-            float* dxrow = dxr.row(b, ts) + ch.d0;
-#pragma omp simd
-            for (int64_t j = 0; j < ch.n; ++j) {
-              dxrow[j] += ch.w[k][j] * gp[j];
-              dwl[k][j] += gp[j] * xrow[j];
-            }
-          }
+        for (int64_t d = 0; d < D; ++d) {
+          const float sg = sigmoid(gt[d]);
+          gt[d] = grow[d] * sg * (1.0f + gt[d] * (1.0f - sg));
         }
-        double* dwp = dw.data_ptr<double>();
-        double* dbp = db.data_ptr<double>();
-        for (int64_t j = 0; j < ch.n; ++j) {
-          for (int64_t k = 0; k < K; ++k) dwp[(ch.d0 + j) * K + k] += dwl[k][j];
-          dbp[ch.d0 + j] += dbl[j];
+        if (t >= t1) continue;  // the steps after the item only feed its dx
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dbl[d] += gt[d];
+        for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
+          const float* xrow = xr.row(b, t - (K - 1) + k);
+          float* dwk = dwl.data() + k * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) dwk[d] += gt[d] * xrow[d];
         }
       }
+      for (int64_t t = t0; t < t1; ++t) {  // dx[t] = sum_k w[k] dpre[t + (K - 1) - k]
+        float* dxrow = dxr.row(b, t);
+        std::fill(dxrow, dxrow + D, 0.0f);
+        for (int64_t k = std::max<int64_t>(0, t + K - t2); k < K; ++k) {
+          const float* gs = gp.data() + (t + (K - 1) - k - t0) * D;
+          const float* wk = cw.w.data() + k * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) dxrow[d] += wk[d] * gs[d];
+        }
+      }
+      for (int64_t i = 0; i < K * D; ++i) dw_acc[i] += dwl[i];
+      for (int64_t d = 0; d < D; ++d) db_acc[d] += dbl[d];
     }
   });
-  return {dx, dw.to(torch::kFloat32), bias.numel() ? db.to(torch::kFloat32) : torch::empty({0}, x.options())};
+  auto dw = dw_parts.sum(0).t().contiguous().to(torch::kFloat32);  // (K, D) -> (D, K)
+  return {dx, dw, bias.numel() ? db_parts.sum(0).to(torch::kFloat32) : torch::empty({0}, x.options())};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
