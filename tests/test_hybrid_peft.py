@@ -18,7 +18,8 @@ from adaptive_mamba.pillars import (AllocationDecision, HybridPeftConfig, MaskCo
                                     format_allocation_table, load_adaptive_model, masked_modules, module_importance,
                                     save_adaptive_model, trainable_report)
 from adaptive_mamba.pillars.common import base_layer, iter_projections
-from adaptive_mamba.pillars.hybrid_peft import MaskedLoraVariant, gradient_saliency, pruned_modules
+from adaptive_mamba.pillars.hybrid_peft import gradient_saliency, pruned_modules
+from adaptive_mamba.pillars.masked_lora import MaskedLoraVariant
 from adaptive_mamba.pillars.masks import MASK_KINDS
 
 ALL = ("in_proj", "x_proj", "dt_proj", "out_proj")

@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
-from peft.tuners.ia3 import IA3Layer
-from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from adaptive_mamba.model import AdaptiveMambaForCausalLM, parameter_counts
@@ -342,6 +340,9 @@ def merged_plain_model(model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausa
     mask is multiplied into its weight (dropped structured outputs keep their bias, as the compact forward does), and
     each channel mask becomes a mixer of its kept channels (config.layer_d_inner: the export executes the reduced
     FLOPs). `model` is consumed."""
+    from peft.tuners.ia3 import IA3Layer        # imported here: peft loads transformers (seconds), runs without
+    from peft.tuners.lora import LoraLayer      # adapters that never export do not need it
+
     with torch.no_grad():
         for name, _, module, _ in iter_projections(model):
             if isinstance(module, (LoraLayer, IA3Layer)):
