@@ -12,6 +12,7 @@ frozen; re-deciding later moves adapters between modules.
     format_allocation_table(decision)       'blocks.0.mixer.in_proj: 3.1e-05 -> LoRA' lines plus the counts
     trainable_report(model)                 peft's 'trainable params: N || all params: M || trainable%: P'
     current_allocation(model)               {module name: 'lora' | 'ia3' | 'frozen'} read from the model
+    adapter_kind(module)                    'lora' | 'ia3' | 'frozen' of one module (without importing peft)
 
 Importance of a module (sign-aware: it means "worth adapting"; never mean |L|, which ranks a fully pruned
 module, L << 0, highest):
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -299,11 +301,18 @@ def format_allocation_table(decision: AllocationDecision) -> str:
 def current_allocation(model: "AdaptiveMambaForCausalLM",
                        targets: tuple[str, ...] = PROJECTIONS) -> dict[str, str]:
     """The kind each projection has right now, read from the modules themselves."""
+    return {name: adapter_kind(module) for name, _, module, _ in iter_projections(model, targets)}
+
+
+def adapter_kind(module: nn.Module) -> str:
+    """'lora' or 'ia3' for a peft LoRA / IA3 layer, else 'frozen'. Until something imported peft no module can be
+    one, and the check does not import it (peft loads transformers: seconds for every run without adapters)."""
+    if "peft" not in sys.modules:
+        return "frozen"
     from peft.tuners.ia3 import IA3Layer
     from peft.tuners.lora import LoraLayer
 
-    return {name: "lora" if isinstance(module, LoraLayer) else "ia3" if isinstance(module, IA3Layer) else "frozen"
-            for name, _, module, _ in iter_projections(model, targets)}
+    return "lora" if isinstance(module, LoraLayer) else "ia3" if isinstance(module, IA3Layer) else "frozen"
 
 
 def _seeded_generator(cfg: HybridPeftConfig, step: int, name: str) -> torch.Generator:
@@ -418,7 +427,7 @@ def trainable_report(model: nn.Module) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 
-__all__ = ["AllocationDecision", "HybridPeftConfig", "IMPORTANCE_SOURCES", "allocation_counts",
+__all__ = ["AllocationDecision", "HybridPeftConfig", "IMPORTANCE_SOURCES", "adapter_kind", "allocation_counts",
            "apply_allocation", "current_allocation", "decide_allocation", "detach_adapter", "format_allocation_table",
            "gradient_saliency", "is_adapter_param", "mask_activation", "module_importance", "pruned_modules",
            "set_trainable", "trainable_report", "uniform_allocation"]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from adaptive_mamba.model import AdaptiveMambaForCausalLM, parameter_counts
 from adaptive_mamba.pillars.common import iter_projections, resolve_module
-from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, apply_allocation,
+from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, adapter_kind, apply_allocation,
                                                 decide_allocation, detach_adapter, format_allocation_table,
                                                 module_importance, pruned_modules, uniform_allocation)
 from adaptive_mamba.flops import model_flops
@@ -340,12 +340,9 @@ def merged_plain_model(model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausa
     mask is multiplied into its weight (dropped structured outputs keep their bias, as the compact forward does), and
     each channel mask becomes a mixer of its kept channels (config.layer_d_inner: the export executes the reduced
     FLOPs). `model` is consumed."""
-    from peft.tuners.ia3 import IA3Layer        # imported here: peft loads transformers (seconds), runs without
-    from peft.tuners.lora import LoraLayer      # adapters that never export do not need it
-
     with torch.no_grad():
         for name, _, module, _ in iter_projections(model):
-            if isinstance(module, (LoraLayer, IA3Layer)):
+            if adapter_kind(module) != "frozen":
                 detach_adapter(model, name, merge=True)
             parent, attr, layer = resolve_module(model, name)
             if isinstance(layer, MaskedLinear):
