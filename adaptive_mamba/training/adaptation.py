@@ -86,6 +86,11 @@ class PillarController:
         anneal = cfg.masks.anneal_steps or max(1, total_steps)          # None: the whole run
         self.mask_cfg = dataclasses.replace(cfg.masks, anneal_steps=anneal) if cfg.masks.enabled else None
         self.peft_cfg = cfg.peft if cfg.peft.enabled and cfg.peft.mode != "full" else None
+        if self.peft_cfg is not None:
+            # peft (seconds; it imports transformers) is imported here, before W&B starts, not at the first
+            # allocation: there a stop signal's checkpoint would wait on it, and W&B's import hook, which reports
+            # transformers to W&B's service, raises once SIGTERM has killed that service.
+            import peft  # noqa: F401
         self.scan_decisions: list[dict[str, Any]] = []     # every refresh, in order (costs + permutations)
         self.allocation: Optional[dict[str, Any]] = None   # the current allocation decision (serialised)
         self.allocation_history: list[dict[str, Any]] = []
