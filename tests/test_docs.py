@@ -9,14 +9,15 @@ links in the same pages must resolve (file and heading anchor).
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import threading
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +80,25 @@ def doc_commands() -> list[Command]:
 
 
 # ------------------------------------------------------------------------------------------------ static checks
-@functools.lru_cache(maxsize=None)
+_HELP: dict[tuple[str, ...], Future] = {}
+_HELP_LOCK = threading.Lock()
+_CONFIG_LOCK = threading.Lock()
+
+
 def help_text(argv: tuple[str, ...]) -> str:
-    proc = subprocess.run([*argv, "--help"], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    """`ARGV --help`, run once per program even when several threads ask for it at the same time."""
+    with _HELP_LOCK:
+        future, owner = _HELP.get(argv), False
+        if future is None:
+            future, owner = _HELP.setdefault(argv, Future()), True
+    if owner:
+        try:
+            future.set_result(subprocess.run([*argv, "--help"], cwd=REPO_ROOT, env=_env(), capture_output=True,
+                                             text=True, timeout=300))
+        except BaseException as err:        # a timeout: the threads waiting on this program get it too
+            future.set_exception(err)
+            raise
+    proc = future.result()
     assert proc.returncode == 0, f"{' '.join(argv)} --help failed:\n{proc.stderr[-2000:]}"
     return proc.stdout + proc.stderr
 
@@ -110,7 +127,7 @@ def check_train_args(args: list[str], what: str) -> None:
             overrides.append(arg)
         else:
             raise AssertionError(f"{what}: launch/train.py takes --config FILE and key=value, not {arg!r}")
-    with warnings.catch_warnings():
+    with _CONFIG_LOCK, warnings.catch_warnings():     # warning filters are process-wide: one thread at a time
         warnings.simplefilter("error")          # a deprecated key in the docs is an error
         load_train_config(config, overrides)
 
@@ -296,14 +313,20 @@ def test_every_command_is_known() -> None:
 
 @pytest.mark.slow
 def test_commands_statically() -> None:
-    """Scripts, targets, files, flags and config keys named by every documented command exist."""
-    failures = []
-    for command in doc_commands():
+    """Scripts, targets, files, flags and config keys named by every documented command exist. The commands are
+    checked concurrently (one thread per core): the time goes into `--help` subprocesses that wait on imports."""
+    from adaptive_mamba.training.config import load_train_config  # noqa: F401  (imported once, not by each thread)
+
+    def failure(command: Command) -> str | None:
         env, tokens = split_env(command.text)
         try:
             check_command(tokens, env, command.where())
         except (AssertionError, ValueError, FileNotFoundError, StopIteration, KeyError) as err:
-            failures.append(f"{command.where()}\n    {type(err).__name__}: {err}")
+            return f"{command.where()}\n    {type(err).__name__}: {err}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        failures = [f for f in pool.map(failure, doc_commands()) if f is not None]
     assert not failures, "documented commands that do not hold:\n" + "\n".join(failures)
 
 

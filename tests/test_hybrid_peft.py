@@ -4,7 +4,11 @@ merges under every mask kind, frozen weights, deterministic reallocation, traina
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +22,11 @@ from adaptive_mamba.pillars import (AllocationDecision, HybridPeftConfig, MaskCo
                                     format_allocation_table, load_adaptive_model, masked_modules, module_importance,
                                     save_adaptive_model, trainable_report)
 from adaptive_mamba.pillars.common import base_layer, iter_projections
-from adaptive_mamba.pillars.hybrid_peft import MaskedLoraVariant, gradient_saliency, pruned_modules
+from adaptive_mamba.pillars.hybrid_peft import gradient_saliency, pruned_modules
+from adaptive_mamba.pillars.masked_lora import MaskedLoraVariant
 from adaptive_mamba.pillars.masks import MASK_KINDS
 
+REPO = Path(__file__).resolve().parents[1]
 ALL = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
 
@@ -386,3 +392,28 @@ def test_random_importance_is_a_seeded_control() -> None:
     assert first == again and first != later
     assert list(first) == [name for name, *_ in iter_projections(model, cfg.target_modules)]
     assert all(0.0 <= v < 1.0 for v in first.values()) and len(set(first.values())) == len(first)
+
+
+def test_configs_and_runs_without_adapters_do_not_import_peft() -> None:
+    """peft loads transformers (seconds in every process): reading a training config, importing the trainer, and a
+    run's allocation and export-FLOPs model without adapters must not import it; applying adapters does."""
+    code = """if True:
+        import sys
+        from adaptive_mamba import AdaptiveMambaConfig, AdaptiveMambaForCausalLM
+        from adaptive_mamba.pillars import HybridPeftConfig, apply_allocation, current_allocation, uniform_allocation
+        from adaptive_mamba.training.adaptation import merged_plain_model
+        from adaptive_mamba.training.config import load_train_config
+        from adaptive_mamba.training.trainer import Trainer
+
+        load_train_config(None, ["data.source=stdlib", "peft.lora_r=4"])
+        model = AdaptiveMambaForCausalLM(AdaptiveMambaConfig(d_model=16, n_layer=1, vocab_size=32))
+        assert set(current_allocation(model).values()) == {"frozen"}
+        merged_plain_model(model)
+        assert "peft" not in sys.modules and "transformers" not in sys.modules, "imported without adapters"
+        model, cfg = AdaptiveMambaForCausalLM(model.config), HybridPeftConfig()
+        apply_allocation(model, uniform_allocation(model, "lora", cfg), cfg)
+        assert set(current_allocation(model).values()) == {"lora"}
+    """
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

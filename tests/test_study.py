@@ -81,9 +81,11 @@ def test_resume_runs_only_the_missing_runs(study: dict) -> None:
         in study["log"]
 
 
-def test_a_folder_with_a_study_needs_resume(study: dict) -> None:
-    again = subprocess.run(study["cmd"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "pass --resume" in again.stderr
+def test_a_folder_with_a_study_needs_resume(study: dict, capsys: pytest.CaptureFixture) -> None:
+    """launch/study.py's main with the same arguments, in this process (the fixture ran it as a program)."""
+    from launch.study import main
+
+    assert main(study["cmd"][2:]) == 2 and "pass --resume" in capsys.readouterr().err
 
 
 def test_artefacts_hold_every_run_and_metric(study: dict) -> None:
@@ -121,10 +123,10 @@ def test_report_follows_the_result_files(study: dict) -> None:
     data = json.loads(original)
     data["eval_loss"] += 1.0
     path.write_text(json.dumps(data))
+    from launch.study import main
+
     try:
-        rerun = subprocess.run(study["cmd"] + ["--report-only"], cwd=REPO, env=_env(), capture_output=True, text=True,
-                               timeout=300)
-        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert main(study["cmd"][2:] + ["--report-only"]) == 0        # in this process: no second start-up
         after = json.loads((out / "comprehensive_results.json").read_text())
     finally:
         path.write_text(original)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -209,28 +210,40 @@ def test_finetune_from_transformers_checkpoint(tmp_path: Path, data_dir: Path) -
 
 @pytest.mark.slow
 def test_bad_inputs_fail_clearly(tmp_path: Path, data_dir: Path) -> None:
+    """Five independent one-process cases, two at a time (each run is one single-threaded process on 2 cores)."""
     base = [f"data.dir={data_dir}", "train.max_steps=2", "train.zero_stage=0", *TINY]
-    proc = train(1, [*base, f"train.output_dir={tmp_path / 'a'}", "learning_rat=1"], expect=2)
-    assert "did you mean 'optim.lr'" in proc.stderr
-    proc = train(1, [*base, f"train.output_dir={tmp_path / 'b'}", f"data.dir={tmp_path / 'nothing'}"], expect=2)
-    assert "holds no token shards" in proc.stderr and "python -m data_prep" in proc.stderr
-    proc = train(1, [*base, f"train.output_dir={tmp_path / 'c'}", "data.packing=pad", "train.seq_len=10000000"], expect=2)
-    assert "larger than the longest document" in proc.stderr and "data.packing=pack" in proc.stderr
+    no_pillars = ["masks.enabled=false", "peft.enabled=false"]
+    good, nan = tmp_path / "good", tmp_path / "nan"
 
-    good = tmp_path / "good"
-    train(1, [*base, f"train.output_dir={good}", "train.save_every=1", "train.max_steps=2", "masks.enabled=false", "peft.enabled=false"])
-    ckpt = good / "checkpoints" / "step_00000002"
-    victim = next(ckpt.rglob("*model_states.pt"))
-    victim.write_bytes(victim.read_bytes()[:-100])
-    proc = train(1, [*base, f"train.output_dir={good}", "train.resume=auto", "train.max_steps=3", "masks.enabled=false", "peft.enabled=false"],
-                 expect=2)
-    assert "does not match its manifest" in proc.stderr and "corrupt" in proc.stderr
+    def corrupt_checkpoint() -> subprocess.CompletedProcess:
+        train(1, [*base, f"train.output_dir={good}", "train.save_every=1", "train.max_steps=2", *no_pillars])
+        victim = next((good / "checkpoints" / "step_00000002").rglob("*model_states.pt"))
+        victim.write_bytes(victim.read_bytes()[:-100])
+        return train(1, [*base, f"train.output_dir={good}", "train.resume=auto", "train.max_steps=3", *no_pillars],
+                     expect=2)
+
+    cases = {                         # the two-run case first, so that both workers stay busy
+        "corrupt": corrupt_checkpoint,
+        "typo": lambda: train(1, [*base, f"train.output_dir={tmp_path / 'a'}", "learning_rat=1"], expect=2),
+        "no_shards": lambda: train(1, [*base, f"train.output_dir={tmp_path / 'b'}",
+                                       f"data.dir={tmp_path / 'nothing'}"], expect=2),
+        "too_long": lambda: train(1, [*base, f"train.output_dir={tmp_path / 'c'}", "data.packing=pad",
+                                      "train.seq_len=10000000"], expect=2),
+        "nan": lambda: train(1, [*base, f"train.output_dir={nan}", "optim.lr=1e30", "optim.grad_clip=0",
+                                 "train.max_steps=6", *no_pillars, "train.save_every=1", "optim.warmup_steps=0"],
+                             expect=1),
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(case) for name, case in cases.items()}
+        procs = {name: future.result() for name, future in futures.items()}
+    assert "did you mean 'optim.lr'" in procs["typo"].stderr
+    assert "holds no token shards" in procs["no_shards"].stderr and "python -m data_prep" in procs["no_shards"].stderr
+    assert "larger than the longest document" in procs["too_long"].stderr and \
+        "data.packing=pack" in procs["too_long"].stderr
+    assert "does not match its manifest" in procs["corrupt"].stderr and "corrupt" in procs["corrupt"].stderr
     assert (good / "checkpoints" / "step_00000001" / "MANIFEST.json").is_file()      # the earlier one is intact
 
-    nan = tmp_path / "nan"
-    proc = train(1, [*base, f"train.output_dir={nan}", "optim.lr=1e30", "optim.grad_clip=0", "train.max_steps=6",
-                     "masks.enabled=false", "peft.enabled=false", "train.save_every=1", "optim.warmup_steps=0"], expect=1)
-    assert "non-finite loss" in proc.stderr and "Last checkpoint: " in proc.stderr
+    assert "non-finite loss" in procs["nan"].stderr and "Last checkpoint: " in procs["nan"].stderr
     from adaptive_mamba.training.checkpointing import latest_checkpoint, verify_checkpoint
 
     good_ckpt = latest_checkpoint(nan)

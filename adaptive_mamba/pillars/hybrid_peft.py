@@ -12,6 +12,7 @@ frozen; re-deciding later moves adapters between modules.
     format_allocation_table(decision)       'blocks.0.mixer.in_proj: 3.1e-05 -> LoRA' lines plus the counts
     trainable_report(model)                 peft's 'trainable params: N || all params: M || trainable%: P'
     current_allocation(model)               {module name: 'lora' | 'ia3' | 'frozen'} read from the model
+    adapter_kind(module)                    'lora' | 'ia3' | 'frozen' of one module (without importing peft)
 
 Importance of a module (sign-aware: it means "worth adapting"; never mean |L|, which ranks a fully pruned
 module, L << 0, highest):
@@ -32,7 +33,7 @@ Allocation (n adaptable modules ranked by importance, descending; ties broken by
 The seed's example (4 layers x 4 projections = 16 modules, threshold 0.5, ratio 0.3): n_adapted = floor(5.3) = 5,
 n_lora = floor(2.9) = 2, so 2 LoRA, 3 IA3, 11 frozen.
 
-Exact merges. On a masked projection, LoRA runs as the peft variant MaskedLoraVariant: its update is masked like
+Exact merges. On a masked projection, LoRA runs as the peft variant MaskedLoraVariant (masked_lora.py): its update is masked like
 the base weight, with the same mask sample (structured masks: the LoRA path's output rows or input columns;
 unstructured: the delta weight B A elementwise), so the layer computes (W + s B A) * M. Merging writes W + s B A
 into the weight, which the mask then multiplies: the merged layer computes the same function, in training (same
@@ -46,11 +47,15 @@ After apply_allocation, trainable parameters are exactly the adapters (plus the 
 rebuild the optimizer from [p for p in model.parameters() if p.requires_grad]. New adapters are initialised
 from a generator seeded by (cfg.seed, decision.step, module name): the same decision gives the same weights on
 every rank and every time, without touching the global RNG.
+
+peft (which imports transformers, several seconds) is imported by the functions that use it, so that reading a
+training config (`--help`, a bad key) does not load it.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -58,11 +63,6 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
-from peft import IA3Config, LoraConfig, inject_adapter_in_model
-from peft.tuners.ia3 import IA3Layer
-from peft.tuners.lora import LoraLayer
-from peft.tuners.lora.layer import LoraVariant
 from torch import Tensor, nn
 
 from adaptive_mamba.config import above, at_least, between, check_known_keys, Settings, setting
@@ -72,6 +72,8 @@ from adaptive_mamba.pillars.common import (PROJECTIONS, base_layer, check_projec
 from adaptive_mamba.pillars.masks import MaskedLinear
 
 if TYPE_CHECKING:
+    from peft import IA3Config, LoraConfig
+
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
 
 KINDS = ("lora", "ia3", "frozen")
@@ -291,8 +293,18 @@ def format_allocation_table(decision: AllocationDecision) -> str:
 def current_allocation(model: "AdaptiveMambaForCausalLM",
                        targets: tuple[str, ...] = PROJECTIONS) -> dict[str, str]:
     """The kind each projection has right now, read from the modules themselves."""
-    return {name: "lora" if isinstance(module, LoraLayer) else "ia3" if isinstance(module, IA3Layer) else "frozen"
-            for name, _, module, _ in iter_projections(model, targets)}
+    return {name: adapter_kind(module) for name, _, module, _ in iter_projections(model, targets)}
+
+
+def adapter_kind(module: nn.Module) -> str:
+    """'lora' or 'ia3' for a peft LoRA / IA3 layer, else 'frozen'. Until something imported peft no module can be
+    one, and the check does not import it (peft loads transformers: seconds for every run without adapters)."""
+    if "peft" not in sys.modules:
+        return "frozen"
+    from peft.tuners.ia3 import IA3Layer
+    from peft.tuners.lora import LoraLayer
+
+    return "lora" if isinstance(module, LoraLayer) else "ia3" if isinstance(module, IA3Layer) else "frozen"
 
 
 def _seeded_generator(cfg: HybridPeftConfig, step: int, name: str) -> torch.Generator:
@@ -311,43 +323,10 @@ def _init_lora(model: nn.Module, name: str, cfg: HybridPeftConfig, step: int) ->
     layer.lora_B[ADAPTER_NAMES["lora"]].weight.zero_()
 
 
-class MaskedLoraVariant(LoraVariant):
-    """peft LoRA whose update is masked like the base weight (the module docstring's "exact merges"): the layer
-    computes (W + s B A) * M with M the base MaskedLinear's current mask (same sample in training, hard in
-    evaluation). Merging is plain LoRA's W += s B A, which the mask then multiplies."""
-
-    @staticmethod
-    def init(module: LoraLayer, adapter_name: str, **kwargs: Any) -> None:
-        """Nothing beyond plain LoRA's weights."""
-
-    @staticmethod
-    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
-        return orig_weight + module.get_delta_weight(active_adapter)
-
-    @staticmethod
-    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> None:
-        orig_weight.data += module.get_delta_weight(active_adapter)
-
-    @staticmethod
-    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
-        return orig_weight - module.get_delta_weight(active_adapter)
-
-    @staticmethod
-    def forward(module: LoraLayer, active_adapter: str, x: Tensor, result: Tensor, **kwargs: Any) -> Tensor:
-        mask = base_layer(module).current_mask().to(x.dtype)        # broadcastable against the (out, in) weight
-        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
-        scaling = module.scaling[active_adapter]
-        x = module.lora_dropout[active_adapter](x)
-        if mask.shape[0] == 1:                                      # input columns
-            return result + lora_B(lora_A(x * mask[0])) * scaling
-        if mask.shape[1] == 1:                                      # output rows
-            return result + lora_B(lora_A(x)) * (scaling * mask[:, 0])
-        delta = (lora_B.weight @ lora_A.weight) * (scaling * mask)  # unstructured: mask the delta weight
-        return result + F.linear(x, delta)
-
-
 def _peft_config(kind: str, names: list[str], cfg: HybridPeftConfig) -> LoraConfig | IA3Config:
     """peft's config of the `kind` adapter ("lora" or "ia3") on the modules `names`."""
+    from peft import IA3Config, LoraConfig
+
     if kind == "lora":
         return LoraConfig(target_modules=names, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                           lora_dropout=cfg.lora_dropout, bias="none")
@@ -356,6 +335,8 @@ def _peft_config(kind: str, names: list[str], cfg: HybridPeftConfig) -> LoraConf
 
 
 def _inject(model: nn.Module, kind: str, names: list[str], cfg: HybridPeftConfig) -> None:
+    from peft import inject_adapter_in_model
+
     with warnings.catch_warnings():   # peft warns when a model already has a peft_config: we keep it consistent
         warnings.simplefilter("ignore")
         inject_adapter_in_model(_peft_config(kind, names, cfg), model, adapter_name=ADAPTER_NAMES[kind])
@@ -408,6 +389,8 @@ def apply_allocation(model: "AdaptiveMambaForCausalLM", decision: AllocationDeci
     if missing:
         raise ValueError(f"the decision does not cover the adaptable modules {missing}; decide from "
                          "module_importance(model, cfg) with the same target_modules")
+    from adaptive_mamba.pillars.masked_lora import MaskedLoraVariant
+
     changes: dict[str, list[str]] = {"merged": [], "removed": [], "lora": [], "ia3": []}
     for name, kind in decision.kinds.items():
         if current[name] != kind and current[name] != "frozen":
@@ -436,7 +419,7 @@ def trainable_report(model: nn.Module) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 
-__all__ = ["AllocationDecision", "HybridPeftConfig", "IMPORTANCE_SOURCES", "MaskedLoraVariant", "allocation_counts",
+__all__ = ["AllocationDecision", "HybridPeftConfig", "IMPORTANCE_SOURCES", "adapter_kind", "allocation_counts",
            "apply_allocation", "current_allocation", "decide_allocation", "detach_adapter", "format_allocation_table",
            "gradient_saliency", "is_adapter_param", "mask_activation", "module_importance", "pruned_modules",
            "set_trainable", "trainable_report", "uniform_allocation"]

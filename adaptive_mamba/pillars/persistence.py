@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from adaptive_mamba.checkpoint_io import CheckpointError, save_model
@@ -69,6 +68,8 @@ def save_adaptive_model(model: "AdaptiveMambaForCausalLM", directory: str | Path
         if adapter in peft_config:
             out = directory / "adapters" / kind
             out.mkdir(parents=True, exist_ok=True)
+            from peft import get_peft_model_state_dict     # loaded only when there are adapters (it is slow)
+
             state = get_peft_model_state_dict(model, adapter_name=adapter)
             save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / ADAPTER_WEIGHTS))
             peft_config[adapter].save_pretrained(str(out))
@@ -109,6 +110,8 @@ def load_adaptive_model(directory: str | Path, dtype: Optional[torch.dtype] = No
             path = directory / "adapters" / kind / ADAPTER_WEIGHTS
             if not path.is_file():
                 raise CheckpointError(f"{directory}: the allocation has {kind} adapters but {path} is missing")
+            from peft import set_peft_model_state_dict     # loaded only when there are adapters (it is slow)
+
             result = set_peft_model_state_dict(model, load_file(str(path)), adapter_name=adapter)
             missing = [k for k in result.missing_keys if f".{adapter}" in k and is_adapter_param(k)]
             if result.unexpected_keys or missing:

@@ -31,13 +31,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
-from peft.tuners.ia3 import IA3Layer
-from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from adaptive_mamba.model import AdaptiveMambaForCausalLM, parameter_counts
 from adaptive_mamba.pillars.common import iter_projections, resolve_module
-from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, apply_allocation,
+from adaptive_mamba.pillars.hybrid_peft import (AllocationDecision, adapter_kind, apply_allocation,
                                                 decide_allocation, detach_adapter, format_allocation_table,
                                                 module_importance, pruned_modules, uniform_allocation)
 from adaptive_mamba.flops import model_flops
@@ -88,6 +86,11 @@ class PillarController:
         anneal = cfg.masks.anneal_steps or max(1, total_steps)          # None: the whole run
         self.mask_cfg = dataclasses.replace(cfg.masks, anneal_steps=anneal) if cfg.masks.enabled else None
         self.peft_cfg = cfg.peft if cfg.peft.enabled and cfg.peft.mode != "full" else None
+        if self.peft_cfg is not None:
+            # peft (seconds; it imports transformers) is imported here, before W&B starts, not at the first
+            # allocation: there a stop signal's checkpoint would wait on it, and W&B's import hook, which reports
+            # transformers to W&B's service, raises once SIGTERM has killed that service.
+            import peft  # noqa: F401
         self.scan_decisions: list[dict[str, Any]] = []     # every refresh, in order (costs + permutations)
         self.allocation: Optional[dict[str, Any]] = None   # the current allocation decision (serialised)
         self.allocation_history: list[dict[str, Any]] = []
@@ -344,7 +347,7 @@ def merged_plain_model(model: AdaptiveMambaForCausalLM) -> AdaptiveMambaForCausa
     FLOPs). `model` is consumed."""
     with torch.no_grad():
         for name, _, module, _ in iter_projections(model):
-            if isinstance(module, (LoraLayer, IA3Layer)):
+            if adapter_kind(module) != "frozen":
                 detach_adapter(model, name, merge=True)
             parent, attr, layer = resolve_module(model, name)
             if isinstance(layer, MaskedLinear):
