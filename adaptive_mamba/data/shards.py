@@ -32,7 +32,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from adaptive_mamba.config import above, at_least, between, Settings, setting
+from adaptive_mamba.config import Settings, above, at_least, between, setting
 from adaptive_mamba.data.bulk_encode import BulkEncoder
 from adaptive_mamba.data.sources import Document, DocumentReader
 from adaptive_mamba.fileio import file_sha256

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from adaptive_mamba.config import above, at_least, between, check_known_keys, Settings, setting
+from adaptive_mamba.config import Settings, above, at_least, between, check_known_keys, setting
 from adaptive_mamba.model import parameter_counts
 from adaptive_mamba.pillars.common import (PROJECTIONS, base_layer, check_projections, iter_projections,
                                            resolve_module)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptive_mamba.config import above, at_least, between, check_known_keys, Settings, setting
+from adaptive_mamba.config import Settings, above, at_least, between, check_known_keys, setting
 from adaptive_mamba.pillars.common import (D_INNER_SIDE, DEFAULT_TARGETS, PROJECTIONS, base_layer,
                                            check_projections, iter_projections, resolve_module)
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adaptive_mamba.config import at_least, Settings, setting
+from adaptive_mamba.config import Settings, at_least, setting
 from adaptive_mamba.pillars.common import D_INNER_SIDE, PROJECTIONS, base_layer
 from adaptive_mamba.pillars.path_search import (LayerStats, best_path, canonical_cost, correlation, cost_matrix,
                                                 nearest_neighbour_path, path_cost, search_canonical, two_opt)
