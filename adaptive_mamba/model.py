@@ -313,13 +313,9 @@ def vocab_nll(lm_head: nn.Module, hidden: Tensor, targets: Tensor, chunk: int, p
     pieces = []   # split, not slices: the pieces' gradients are joined by one cat, not each zero-padded and summed
     for h, t in zip(hidden.split(chunk, dim=1), targets.split(chunk, dim=1)):
         pieces.append(checkpoint(chunk_nll, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_nll(h, t))
-    if per_position:
-        return torch.cat([p.view(targets.shape[0], -1) for p in pieces], dim=1) if pieces else \
-            targets.new_zeros(targets.shape, dtype=torch.float32)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for piece in pieces:
-        total = total + piece
-    return total
+    if per_position:   # split gives at least one piece, an empty one for L = 0
+        return torch.cat([p.view(targets.shape[0], -1) for p in pieces], dim=1)
+    return sum(pieces, hidden.new_zeros((), dtype=torch.float32))
 
 
 def sample_next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
