@@ -91,9 +91,8 @@ class MambaMixer(nn.Module):
             keep = self.channel_mask()                                           # (d_inner,)
             if self.training and state is None:  # training computes only the channels whose mask is not exactly 0
                 kept = self.channel_mask.computed_channels(self, keep)
-                keep = keep if kept is None else keep.index_select(0, kept)
-            keep = keep[:, None]
         part = ChannelSubset(self, kept)        # every channel when kept is None
+        keep = None if keep is None else part.per_channel(keep)[:, None]          # (k, 1), k computed channels
         length = hidden.shape[1]
         x, z = part.in_proj(hidden).chunk(2, dim=-1)                           # (B, L, d_inner) views
         pad = self.d_conv - 1
