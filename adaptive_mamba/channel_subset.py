@@ -29,8 +29,11 @@ class ChannelSubset:
         self.mixer, self.kept = mixer, kept
         self.xz_rows = None if kept is None else torch.cat([kept, kept + mixer.d_inner])   # in_proj's x and z halves
 
-    def _outputs(self, module: nn.Module, x: Tensor, rows: Tensor) -> Tensor:
-        """A projection whose outputs are d_inner channels (in_proj, dt_proj), for the `rows` outputs only."""
+    def _outputs(self, module: nn.Module, x: Tensor, rows: Optional[Tensor]) -> Tensor:
+        """A projection whose outputs are d_inner channels (in_proj, dt_proj), for the `rows` outputs only (None:
+        every channel, the module itself)."""
+        if rows is None:
+            return module(x)
         if type(module) is nn.Linear:
             bias = None if module.bias is None else module.bias.index_select(0, rows)
             return F.linear(x, module.weight.index_select(0, rows), bias)
@@ -38,6 +41,8 @@ class ChannelSubset:
 
     def _inputs(self, module: nn.Module, x: Tensor) -> Tensor:
         """A projection whose inputs are d_inner channels (x_proj, out_proj), given the kept inputs (..., k)."""
+        if self.kept is None:
+            return module(x)
         if type(module) is nn.Linear:
             return F.linear(x, module.weight.index_select(1, self.kept), module.bias)
         return module(self.full(x, -1))
@@ -50,8 +55,7 @@ class ChannelSubset:
 
     def in_proj(self, hidden: Tensor) -> Tensor:
         """(B, L, 2k): the x and z halves of the kept channels."""
-        m = self.mixer.in_proj
-        return m(hidden) if self.kept is None else self._outputs(m, hidden, self.xz_rows)
+        return self._outputs(self.mixer.in_proj, hidden, self.xz_rows)
 
     def scan_input(self, u: Tensor) -> Tensor:
         """The mixer's `scan_input` observation point on u (B, k, L): hooks see the full width, dropped channels 0
@@ -64,19 +68,16 @@ class ChannelSubset:
         return point(self.full(u, 1)).index_select(1, self.kept)
 
     def x_proj(self, u: Tensor) -> Tensor:
-        m = self.mixer.x_proj
-        return m(u) if self.kept is None else self._inputs(m, u)
+        return self._inputs(self.mixer.x_proj, u)
 
     def dt_proj(self, dt: Tensor) -> Tensor:
-        m = self.mixer.dt_proj
-        return m(dt) if self.kept is None else self._outputs(m, dt, self.kept)
+        return self._outputs(self.mixer.dt_proj, dt, self.kept)
 
     def out_proj(self, y: Tensor) -> Tensor:
-        m = self.mixer.out_proj
-        return m(y) if self.kept is None else self._inputs(m, y)
+        return self._inputs(self.mixer.out_proj, y)
 
     def per_channel(self, param: Tensor) -> Tensor:
-        """The kept rows of a per-channel parameter (A_log, D)."""
+        """The kept rows of a per-channel tensor (A_log, D, the channel mask values)."""
         return param if self.kept is None else param.index_select(0, self.kept)
 
 

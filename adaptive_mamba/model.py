@@ -91,9 +91,8 @@ class MambaMixer(nn.Module):
             keep = self.channel_mask()                                           # (d_inner,)
             if self.training and state is None:  # training computes only the channels whose mask is not exactly 0
                 kept = self.channel_mask.computed_channels(self, keep)
-                keep = keep if kept is None else keep.index_select(0, kept)
-            keep = keep[:, None]
         part = ChannelSubset(self, kept)        # every channel when kept is None
+        keep = None if keep is None else part.per_channel(keep)[:, None]          # (k, 1), k computed channels
         length = hidden.shape[1]
         x, z = part.in_proj(hidden).chunk(2, dim=-1)                           # (B, L, d_inner) views
         pad = self.d_conv - 1
@@ -313,13 +312,9 @@ def vocab_nll(lm_head: nn.Module, hidden: Tensor, targets: Tensor, chunk: int, p
     pieces = []   # split, not slices: the pieces' gradients are joined by one cat, not each zero-padded and summed
     for h, t in zip(hidden.split(chunk, dim=1), targets.split(chunk, dim=1)):
         pieces.append(checkpoint(chunk_nll, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_nll(h, t))
-    if per_position:
-        return torch.cat([p.view(targets.shape[0], -1) for p in pieces], dim=1) if pieces else \
-            targets.new_zeros(targets.shape, dtype=torch.float32)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for piece in pieces:
-        total = total + piece
-    return total
+    if per_position:   # split gives at least one piece, an empty one for L = 0
+        return torch.cat([p.view(targets.shape[0], -1) for p in pieces], dim=1)
+    return sum(pieces, hidden.new_zeros((), dtype=torch.float32))
 
 
 def sample_next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
