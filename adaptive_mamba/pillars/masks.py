@@ -373,10 +373,9 @@ class ChannelMask(MaskLogits, nn.Module):
         or not `sparse_in_training`)."""
         if not self.sparse_in_training(mixer):
             return None
-        nonzero = m.detach() != 0
-        if bool(nonzero.all()):
+        kept = (m.detach() != 0).nonzero().squeeze(1)        # one host sync per forward (nonzero's)
+        if kept.numel() == m.numel():
             return None
-        kept = nonzero.nonzero().squeeze(1)
         return kept if kept.numel() else kept.new_zeros(1)
 
     @staticmethod
