@@ -110,7 +110,7 @@ class PillarController:
             self.allocation = uniform_allocation(model, self.cfg.peft.mode, self.peft_cfg).to_dict()
             self.allocation_history.append({"step": 0, **self.allocation})
         if self.allocation is not None:
-            self._apply_allocation(model, self.allocation)
+            apply_allocation(model, AllocationDecision.from_dict(self.allocation), self.peft_cfg)
         if self.scan_order is not None:      # the weights loaded next are in this order; record it with the model
             model.config.extra["scan_order"] = [list(o) for o in self.scan_order]
         return model
@@ -220,15 +220,15 @@ class PillarController:
                                        reduce_grads=lambda grads: [g / world for g in all_reduce_sum(grads)])
         names = list(importance)                                           # model order: the same on every rank
         values = all_reduce_sum([torch.tensor([importance[n] for n in names], dtype=torch.float64)])[0]
-        importance = {n: float(v) / self.ctx.world_size for n, v in zip(names, values)}
+        importance = {n: float(v) / world for n, v in zip(names, values)}
         pruned = pruned_modules(model, self.peft_cfg.target_modules)      # same weights, so the same on every rank
         decision = decide_allocation(importance, self.peft_cfg, step, pruned) if self.ctx.is_main else None
         decision = broadcast_object(decision.to_dict() if decision is not None else None)
-        self._apply_allocation(model, decision)
+        allocation = AllocationDecision.from_dict(decision)
+        apply_allocation(model, allocation, self.peft_cfg)
         self.allocation = decision
         self.allocation_history.append({"step": step, **decision})
         trainable, total = parameter_counts(model)
-        allocation = AllocationDecision.from_dict(decision)
         table = format_allocation_table(allocation)
         events["decisions"].append("allocation")
         events["metrics"].update({"peft/trainable_params": trainable, "peft/trainable_pct": 100 * trainable / total})
@@ -239,9 +239,6 @@ class PillarController:
                                f"{100 * trainable / total:.2f}%"
                                + (f"; {len(pruned)} fully pruned module(s) left frozen" if pruned else "")
                                + f"):\n{table}")
-
-    def _apply_allocation(self, model: AdaptiveMambaForCausalLM, decision: dict[str, Any]) -> None:
-        apply_allocation(model, AllocationDecision.from_dict(decision), self.peft_cfg)
 
     # ---------------------------------------------------------------------------------- reporting
     def inspect(self, run: TrainingRun) -> dict[str, Any]:
