@@ -48,6 +48,7 @@ from adaptive_mamba.pillars.path_search import (LayerStats, best_path, canonical
 if TYPE_CHECKING:
     from adaptive_mamba.model import AdaptiveMambaForCausalLM
 
+
 @dataclass
 class ScanOrderConfig(Settings):
     """Pillar 1 settings (the `scan_order` section of a training config)."""
