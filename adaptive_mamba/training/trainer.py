@@ -195,10 +195,9 @@ class Trainer:
                 self.verify_ranks("+".join(initial["decisions"]))
             self._log_events(initial, step=0)
         mode = "fine-tune from " + cfg.train.init_from if cfg.train.init_from else "from scratch"
-        model = self.module.model
         self.monitor.info(
             f"model {mode}: d_model={self.model_config.d_model} n_layer={self.model_config.n_layer} "
-            f"vocab={self.model_config.vocab_size}, {parameter_counts(model)[1]:,} parameters; "
+            f"vocab={self.model_config.vocab_size}, {parameter_counts(self.model)[1]:,} parameters; "
             f"{ctx.world_size} rank(s) on {self.device.type}, ZeRO-{zero_stage(self.ds_config)}, "
             f"{cfg.train.precision}, seq_len {cfg.train.seq_len}"
             + (f" in chunks of {cfg.train.chunk_len}" if cfg.train.chunk_len else "")
@@ -248,7 +247,7 @@ class Trainer:
         self.engine = build_engine(objective, self.cfg, self.ds_config)
         if carried is not None:
             load_optimizer_state(self.engine, carried)
-        self.pillars.attach(self.module.model)
+        self.pillars.attach(self.model)
 
     @property
     def module(self) -> TrainingObjective:
@@ -296,7 +295,7 @@ class Trainer:
         self.engine.train()
         lr = lr_at(self.step, cfg, self.total_steps)
         self._set_lr(lr)
-        self.pillars.on_step_begin(self.module.model, self.step)
+        self.pillars.on_step_begin(self.model, self.step)
         sums = torch.zeros(4, dtype=torch.float64)        # ce, reg, tokens, non-finite count
         own_norm = None
         for j in range(cfg.train.grad_accum_steps):
@@ -445,7 +444,7 @@ class Trainer:
             if name in param_names:
                 h.update(name.encode())
                 h.update(tensor.detach().float().contiguous().numpy().tobytes())
-        extra = self.module.model.config.extra
+        extra = self.model.config.extra
         h.update(json.dumps({"scan_order": extra.get("scan_order"), "allocation": self.pillars.allocation},
                             sort_keys=True).encode())
         digests = all_gather_object(h.hexdigest())
