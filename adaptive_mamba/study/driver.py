@@ -86,7 +86,7 @@ class Study:
             std_pre, std_fine = study_data.stdlib_corpora()
             pre, fine = pre or std_pre, fine or std_fine
         max_mb, piece_kb = mode.get("corpus_mb"), int(mode.get("piece_kb", 32))
-        val = float(self.spec.train.get("val_fraction", 0.1))
+        val = float(self.spec.train.get("data.val_fraction", 0.1))      # a dotted key, like every train key
         self.log(f"study {opts.mode}: preparing data in {opts.cache} (cached across studies)")
         pre_dir = study_data.prepare_shards("pretrain", pre, opts.cache, str(mode.get("tokenizer", "sentencepiece:2048")),
                                             piece_kb, max_mb, val)
