@@ -26,6 +26,4 @@ from adaptive_mamba.data.shards import (CorruptShardError, DataConfig, DataPrepC
 from adaptive_mamba.data.sources import Document, DocumentReader, SkipStats, split_wikitext_articles
 
 __all__ = ["CorruptShardError", "DataConfig", "DataPrepConfig", "build_shards", "TokenShards", "token_dtype_for",
-           "WindowSampler",
-           "IGNORE_INDEX", "Document", "DocumentReader",
-           "SkipStats", "split_wikitext_articles"]
+           "WindowSampler", "IGNORE_INDEX", "Document", "DocumentReader", "SkipStats", "split_wikitext_articles"]

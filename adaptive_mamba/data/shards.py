@@ -41,9 +41,8 @@ from adaptive_mamba.tokenizer import INFO_FILE, Tokenizer, load_tokenizer, train
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-
-
 PACKING_MODES = ("pack", "pad", "document")     # how WindowSampler cuts shards into windows
+
 
 @dataclass
 class DataPrepConfig:
