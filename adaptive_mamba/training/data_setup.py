@@ -76,14 +76,14 @@ def check_tokenizer(shards: TokenShards, cfg: TrainConfig, resume_from: Optional
 def make_sampler(shards: TokenShards, cfg: TrainConfig, ctx: DistContext, train: bool) -> WindowSampler:
     """This rank's window sampler. Training drops the last incomplete step (no padding-only rows). With
     context_parallel = P, the P ranks of a context-parallel group (consecutive ranks) read the same sequences."""
+    t = cfg.train
     if cfg.data.packing == "pad" and train:
         longest = int(shards.doc_lengths.max()) + 1
-        if cfg.train.seq_len > longest:
-            raise ValueError(f"train.seq_len={cfg.train.seq_len} is larger than the longest document in {shards.path} "
+        if t.seq_len > longest:
+            raise ValueError(f"train.seq_len={t.seq_len} is larger than the longest document in {shards.path} "
                              f"({longest} tokens with EOS) and data.packing=pad puts one document per window, so every "
                              f"window would be mostly padding. Use data.packing=pack (documents concatenated) or "
                              f"train.seq_len <= {longest}")
-    t = cfg.train
     if ctx.world_size % t.context_parallel:
         raise ValueError(f"train.context_parallel={t.context_parallel} must divide the number of ranks "
                          f"({ctx.world_size}): set it to a divisor or launch a multiple of it")
