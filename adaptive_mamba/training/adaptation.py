@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -126,18 +125,6 @@ class PillarController:
             for new, old in zip(self.collector.state_tensors(), previous.state_tensors()):
                 new.copy_(old)
         self.collector.enable()
-
-    @contextmanager
-    def statistics_paused(self) -> Iterator[None]:
-        """No scan-order statistics inside (evaluation forwards): they come from training batches only."""
-        collector = self.collector if self.collector is not None and self.collector.enabled else None
-        if collector is not None:
-            collector.disable()
-        try:
-            yield
-        finally:
-            if collector is not None:
-                collector.enable()
 
     # ----------------------------------------------------------------------------------- per step
     def regularizer(self, model: AdaptiveMambaForCausalLM) -> Tensor:

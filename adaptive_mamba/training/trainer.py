@@ -348,14 +348,14 @@ class Trainer:
         self.engine.eval()
         sums = torch.zeros(2, dtype=torch.float64)
         n_steps = min(self.cfg.eval.batches, self.val_sampler.steps_per_epoch(0))
-        with self.pillars.statistics_paused():     # scan-order statistics come from training batches only
-            for s in range(n_steps):
-                batch = {k: v.to(self.device) for k, v in self.val_sampler.batch_at(s, 0).items()}
-                count = int((batch["labels"][:, 1:] != -100).sum())
-                if count == 0:
-                    continue
-                ce, _ = self.engine(batch["input_ids"], batch["labels"])
-                sums += torch.tensor([float(ce) * count, count], dtype=torch.float64)
+        # eval mode: the scan-order statistics hook skips these forwards (training batches only)
+        for s in range(n_steps):
+            batch = {k: v.to(self.device) for k, v in self.val_sampler.batch_at(s, 0).items()}
+            count = int((batch["labels"][:, 1:] != -100).sum())
+            if count == 0:
+                continue
+            ce, _ = self.engine(batch["input_ids"], batch["labels"])
+            sums += torch.tensor([float(ce) * count, count], dtype=torch.float64)
         sums = all_reduce_sum([sums])[0]
         self.engine.train()
         return None if sums[1] == 0 else float(sums[0] / sums[1])
